@@ -1,0 +1,1 @@
+"""TFDS builders for the anomaly-detection data sets that sprs-jax reads."""
