@@ -1,0 +1,245 @@
+"""Checks shared by builders that read a manually downloaded image folder.
+
+A builder describes its data set with a `LayoutGuide` and walks the folder
+with these helpers before generating anything. Every problem raises
+`DatasetLayoutError` with the path at fault, the expected layout and the
+download address, so the user can fix the folder without reading the builder.
+
+Hidden entries (names that start with "." and the OS files in
+`OS_METADATA_FILES`) are skipped. A hidden file that is a readable image is
+an error instead, because skipping it would drop an image without a trace.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import os
+
+from etils import epath
+import numpy as np
+from PIL import Image
+
+# Files that operating systems write into folders they display.
+OS_METADATA_FILES = frozenset({"Thumbs.db", "desktop.ini"})
+
+# Errors Pillow raises on files that are missing, unreadable or not images.
+_PIL_READ_ERRORS = (
+    OSError, SyntaxError, ValueError, Image.DecompressionBombError
+)
+
+
+class DatasetLayoutError(ValueError):
+  """Raised when a data set folder does not match the layout a builder reads."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutGuide:
+  """The help text that every `DatasetLayoutError` of one data set ends with.
+
+  Attributes:
+    dataset_name: the data set as users know it, for example "MVTec AD".
+    layout: the expected folder tree, one entry per line.
+    download_url: the page where the data set is downloaded from.
+  """
+
+  dataset_name: str
+  layout: str
+  download_url: str
+
+  def error(self, problem: str) -> DatasetLayoutError:
+    """Returns an error stating `problem`, the layout and the download page."""
+    return DatasetLayoutError(
+        f"{problem}\n\n"
+        f"Expected layout of {self.dataset_name}:\n{self.layout.rstrip()}\n\n"
+        f"Download {self.dataset_name} from {self.download_url}, unpack it and "
+        "set manual_dir to the unpacked folder."
+    )
+
+
+def is_hidden(path: epath.Path) -> bool:
+  """Returns whether `path` is a dot file or folder or an OS metadata file."""
+  return path.name.startswith(".") or path.name in OS_METADATA_FILES
+
+
+def normalize_dir(path: epath.PathLike) -> str:
+  """Returns `path` as an absolute path without symlinks (URLs unchanged)."""
+  text = os.fspath(path)
+  if "://" in text:
+    return text
+  return os.path.realpath(os.path.expanduser(text))
+
+
+def require_manual_dir(
+    manual_dir: epath.PathLike, guide: LayoutGuide
+) -> epath.Path:
+  """Checks that `manual_dir` is a folder with visible entries and returns it.
+
+  Raises:
+    DatasetLayoutError: if the folder is missing, is a file or is empty.
+  """
+  path = epath.Path(manual_dir)
+  if not path.exists():
+    raise guide.error(f"manual_dir {path} does not exist.")
+  if not path.is_dir():
+    raise guide.error(f"manual_dir {path} is a file, not a folder.")
+  if not any(not is_hidden(entry) for entry in path.iterdir()):
+    raise guide.error(f"manual_dir {path} is empty.")
+  return path
+
+
+def require_dir(path: epath.Path, guide: LayoutGuide) -> epath.Path:
+  """Checks that the folder `path` exists and returns it.
+
+  Raises:
+    DatasetLayoutError: naming `path` if it is missing or is a file.
+  """
+  if not path.is_dir():
+    problem = "is a file" if path.exists() else "is missing"
+    raise guide.error(f"Folder {path} {problem}.")
+  return path
+
+
+def list_subdirs(folder: epath.Path) -> list[epath.Path]:
+  """Returns the visible subfolders of `folder`, sorted by name."""
+  return sorted(
+      (entry for entry in folder.iterdir()
+       if entry.is_dir() and not is_hidden(entry)),
+      key=lambda entry: entry.name,
+  )
+
+
+def list_image_files(
+    folder: epath.Path, guide: LayoutGuide
+) -> list[epath.Path]:
+  """Returns the visible files of an image folder, sorted by name.
+
+  The files are not opened here, except hidden files: `read_image_size`
+  checks the returned ones. An empty folder counts as a broken copy.
+
+  Raises:
+    DatasetLayoutError: if `folder` is missing, contains no visible file, has a
+      visible subfolder (its images would be skipped) or has a hidden file
+      that is an image.
+  """
+  require_dir(folder, guide)
+  files = []
+  for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
+    if entry.is_dir():
+      if not is_hidden(entry):
+        raise guide.error(
+            f"Unexpected folder {entry}: image folders contain files only."
+        )
+      continue
+
+    if not is_hidden(entry):
+      files.append(entry)
+    elif _opens_as_image(entry):
+      raise guide.error(
+          f"Hidden image file {entry}. Hidden files are skipped, so rename it "
+          "or delete it."
+      )
+
+  if not files:
+    raise guide.error(f"Folder {folder} contains no images.")
+  return files
+
+
+def read_image_size(path: epath.Path, guide: LayoutGuide) -> tuple[int, int]:
+  """Reads the header of the image at `path` and returns (width, height).
+
+  Only the header is read, so a file whose pixel data is cut off passes here
+  and fails later in `load_rgb_image` or `load_binary_mask`.
+
+  Raises:
+    DatasetLayoutError: naming `path` if it cannot be opened as an image.
+  """
+  try:
+    with path.open("rb") as file, Image.open(file) as image:
+      return image.size
+  except _PIL_READ_ERRORS as error:
+    raise guide.error(
+        f"Failed to read image {path}: {error}. Replace the file with an "
+        "intact copy or delete it."
+    ) from error
+
+
+def load_rgb_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
+  """Decodes the image at `path` as 8-bit RGB (gray is repeated, alpha dropped).
+
+  Raises:
+    DatasetLayoutError: naming `path` if the file cannot be decoded.
+  """
+  image = _load_image(path, guide)
+  return image.convert("RGB")
+
+
+def load_binary_mask(path: epath.Path, guide: LayoutGuide) -> Image.Image:
+  """Decodes the mask at `path` as an 8-bit image with values 0 and 255.
+
+  A pixel is anomalous (255) when any of its color channels is non-zero;
+  alpha is ignored and palette images are mapped to their colors first.
+
+  Raises:
+    DatasetLayoutError: naming `path` if the file cannot be decoded.
+  """
+  image = _load_image(path, guide)
+  if image.mode == "P":
+    image = image.convert("RGBA")
+
+  values = np.asarray(image)
+  if values.ndim == 3:
+    color_channels = 1 if image.mode == "LA" else 3
+    anomalous = np.any(values[..., :color_channels] != 0, axis=-1)
+  else:
+    anomalous = values != 0
+  return Image.fromarray(np.where(anomalous, 255, 0).astype(np.uint8), "L")
+
+
+def check_mask_size(
+    image_path: epath.Path,
+    image_size: tuple[int, int],
+    mask_path: epath.Path,
+    mask_size: tuple[int, int],
+    guide: LayoutGuide,
+) -> None:
+  """Checks that a mask has the (width, height) of its image.
+
+  Raises:
+    DatasetLayoutError: naming both files and both sizes if they differ.
+  """
+  if tuple(image_size) != tuple(mask_size):
+    raise guide.error(
+        f"Mask {mask_path} is {_format_size(mask_size)} pixels but its image "
+        f"{image_path} is {_format_size(image_size)} pixels. A mask must have "
+        "the size of its image."
+    )
+
+
+def format_choices(choices: Sequence[str]) -> str:
+  """Returns `choices` as a comma-separated list for messages."""
+  return ", ".join(choices)
+
+
+def _format_size(size: tuple[int, int]) -> str:
+  width, height = size
+  return f"{width}x{height} (width x height)"
+
+
+def _opens_as_image(path: epath.Path) -> bool:
+  try:
+    with path.open("rb") as file, Image.open(file):
+      return True
+  except _PIL_READ_ERRORS:
+    return False
+
+
+def _load_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
+  """Decodes all pixels of the image at `path`, raising with the path."""
+  try:
+    with path.open("rb") as file, Image.open(file) as image:
+      image.load()
+      return image.copy()
+  except _PIL_READ_ERRORS as error:
+    raise guide.error(
+        f"Failed to decode image {path}: {error}. Replace the file with an "
+        "intact copy or delete it."
+    ) from error

@@ -1,0 +1,1 @@
+"""TFDS builder for MVTec AD, read from a manually downloaded copy."""
