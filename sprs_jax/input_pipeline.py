@@ -53,7 +53,7 @@ def get_builder(
     ValueError: listing the choices if the name or the category is unknown,
       or naming the module if the builder's module cannot be imported.
   """
-  builder_class = _import_builder_class(data_config.name)
+  builder_class = import_builder_class(data_config.name)
 
   categories = [config.name for config in builder_class.BUILDER_CONFIGS]
   if data_config.category not in categories:
@@ -340,7 +340,7 @@ def eval_batches(
     }
 
 
-def _import_builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
+def import_builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
   """Imports the builder class registered in `BUILDERS` under `name`."""
   if name not in BUILDERS:
     raise ValueError(

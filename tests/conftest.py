@@ -1,7 +1,13 @@
 """Shared pytest fixtures."""
 
+import os
 import pathlib
 import sys
+
+# Two host devices let the tests check pmap against a single device. This
+# must be set before JAX initializes its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 from PIL import Image

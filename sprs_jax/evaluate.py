@@ -1,0 +1,121 @@
+"""Evaluation: heat maps of the whole test split, metrics and PNG panels."""
+
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sprs_jax import input_pipeline
+from sprs_jax import metrics as metrics_lib
+from sprs_jax import model as model_lib
+from sprs_jax import scoring
+from sprs_jax import visualize
+
+
+def score_split(config, params, source):
+  """Scores every example of ``source`` with the given (EMA) params.
+
+  The batch is split over all local devices. Image i's noise comes from
+  fold_in(PRNGKey(seed), i), so the output depends on the seed but not on the
+  batch size or the device count.
+
+  Returns:
+    A dict of NumPy arrays in source order: ``heatmaps`` float32 [N, S, S],
+    ``scores`` [N], ``masks`` uint8 {0, 1} [N, S, S], ``labels`` [N],
+    ``display`` uint8 [N, S, S, 3], and lists ``file_names``, ``defect_types``.
+    S is eval.heatmap_size.
+  """
+  eval_config = config.eval
+  num_devices = jax.local_device_count()
+  if eval_config.batch_size % num_devices:
+    raise ValueError(
+        f"eval.batch_size={eval_config.batch_size} must be divisible by the "
+        f"{num_devices} local devices.")
+  model = model_lib.create_model(config.model, config.sde.sigma_max)
+  score_batch = jax.pmap(
+      scoring.make_score_batch(model, eval_config, config.sde.sigma_max))
+  params = flax.jax_utils.replicate(params)
+  base_key = jax.random.fold_in(jax.random.key(config.seed), 0x5C0E)
+
+  outputs = {key: [] for key in ("heatmaps", "scores", "masks", "labels",
+                                 "display", "file_names", "defect_types")}
+  first_index = 0
+  start = time.perf_counter()
+  for batch in input_pipeline.eval_batches(
+      source, config.data.image_size, eval_config.heatmap_size,
+      eval_config.batch_size):
+    size = len(batch["valid"])
+    indices = jnp.arange(first_index, first_index + size)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
+    heatmaps, scores = score_batch(
+        params, _split(batch["image"], num_devices), _split(keys, num_devices))
+    valid = np.asarray(batch["valid"])
+    outputs["heatmaps"].append(np.asarray(heatmaps).reshape(
+        (size,) + heatmaps.shape[2:])[valid])
+    outputs["scores"].append(np.asarray(scores).reshape(size)[valid])
+    outputs["masks"].append(batch["mask"][valid])
+    outputs["labels"].append(batch["label"][valid])
+    outputs["display"].append(batch["display"][valid])
+    outputs["file_names"] += [n for n, v in zip(batch["file_name"], valid) if v]
+    outputs["defect_types"] += [
+        d for d, v in zip(batch["defect_type"], valid) if v]
+    first_index += int(valid.sum())
+
+  seconds = time.perf_counter() - start
+  logging.info("Scored %d test images in %.1f s (%.1f images/s).",
+               first_index, seconds, first_index / max(seconds, 1e-9))
+  for key in ("heatmaps", "scores", "masks", "labels", "display"):
+    outputs[key] = np.concatenate(outputs[key])
+  return outputs
+
+
+def _split(array, num_devices):
+  return array.reshape((num_devices, -1) + array.shape[1:])
+
+
+def select_panel_indices(defect_types, num_panels: int) -> list[int]:
+  """Picks up to num_panels test images, taking each defect type in turn."""
+  by_type = {}
+  for index, defect_type in enumerate(defect_types):
+    by_type.setdefault(defect_type, []).append(index)
+  chosen = []
+  while len(chosen) < num_panels and any(by_type.values()):
+    for defect_type in sorted(by_type):
+      if by_type[defect_type] and len(chosen) < num_panels:
+        chosen.append(by_type[defect_type].pop(0))
+  return sorted(chosen)
+
+
+def evaluate(config, category_dir: str, params, source) -> dict:
+  """Scores the test split, computes the metrics and writes PNG panels.
+
+  Panels go to ``<category_dir>/panels``; they share one colour scale (the
+  heat maps' min and max over the split) so they can be compared.
+
+  Returns:
+    The dict of ``metrics.compute_metrics`` plus ``num_test_images``.
+  """
+  outputs = score_split(config, params, source)
+  results = metrics_lib.compute_metrics(
+      outputs["labels"], outputs["scores"], outputs["masks"],
+      outputs["heatmaps"])
+  results["num_test_images"] = int(len(outputs["labels"]))
+
+  chosen = select_panel_indices(outputs["defect_types"],
+                                config.eval.num_panels)
+  if chosen:
+    panel_dir = os.path.join(category_dir, "panels")
+    paths = visualize.save_panels(
+        panel_dir,
+        outputs["display"][chosen], outputs["masks"][chosen],
+        outputs["heatmaps"][chosen],
+        [outputs["file_names"][i] for i in chosen],
+        outputs["scores"][chosen],
+        vmin=float(outputs["heatmaps"].min()),
+        vmax=float(outputs["heatmaps"].max()))
+    logging.info("Wrote %d panels to %s", len(paths), panel_dir)
+  return results

@@ -1,0 +1,271 @@
+"""Training of the score model: state, optimizer, the pmapped step, the loop."""
+
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from sprs_jax import checkpoint
+from sprs_jax import losses
+from sprs_jax import model as model_lib
+
+# Top-level param names the optimizer never updates (the fixed Fourier
+# frequencies of the time embedding).
+FROZEN_PARAM_NAMES = ("embed_fourier",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def unreplicate(tree):
+  """Returns device 0's copy of a pmapped pytree.
+
+  flax.jax_utils.unreplicate keeps the device axis when pmap ran on a subset
+  of the local devices (flax 0.12), so this indexes explicitly.
+  """
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def learning_rate_schedule(training_config, steps_per_epoch: int):
+  """Returns an optax schedule: linear warm-up, then piecewise or cosine.
+
+  "piecewise" multiplies the rate by lr_decay_factor at each epoch in
+  lr_decay_epochs; "cosine" decays it to 0 at the last step.
+  """
+  base = training_config.learning_rate
+  warmup = training_config.warmup_steps
+  total_steps = training_config.num_epochs * steps_per_epoch
+  kind = training_config.get("lr_schedule", "piecewise")
+  if kind == "piecewise":
+    boundaries = {int(epoch * steps_per_epoch): training_config.lr_decay_factor
+                  for epoch in training_config.lr_decay_epochs}
+    decay = optax.piecewise_constant_schedule(base, boundaries)
+  elif kind == "cosine":
+    decay = optax.cosine_decay_schedule(base, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(
+        f"training.lr_schedule={kind!r} is not supported; use 'piecewise' or "
+        "'cosine'.")
+  if warmup <= 0:
+    return decay
+  if kind == "cosine":
+    return optax.join_schedules(
+        [optax.linear_schedule(base / warmup, base, warmup), decay], [warmup])
+  return lambda step: decay(step) * jnp.minimum(1.0, (step + 1) / warmup)
+
+
+def create_optimizer(training_config, steps_per_epoch: int):
+  """Returns AdamW that leaves the FROZEN_PARAM_NAMES params unchanged."""
+  adamw = optax.adamw(
+      learning_rate_schedule(training_config, steps_per_epoch),
+      b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=training_config.weight_decay)
+  labels = lambda params: {
+      name: jax.tree_util.tree_map(
+          lambda _: "frozen" if name in FROZEN_PARAM_NAMES else "trained",
+          subtree)
+      for name, subtree in params.items()}
+  return optax.multi_transform(
+      {"trained": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+def create_train_state(rng, model: nn.Module, optimizer, image_size: int):
+  """Initializes params (float32), EMA params and optimizer state."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  params = jax.jit(model.init)(rng, images, jnp.ones((1,)))["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=optimizer.init(params))
+
+
+def ema_decay_at(step, ema_decay: float):
+  """Returns the EMA decay for update number ``step`` (1-based).
+
+  min(ema_decay, (1 + step) / (10 + step)): the average follows the params
+  closely early on, so short runs get a useful EMA.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
+                    training_config, sigma_max: float):
+  """Returns train_step(state, images, rng) -> (state, metrics) for pmap.
+
+  It must run under ``jax.pmap(..., axis_name="batch")``; ``images`` is the
+  per-device batch [b, H, W, 3] in [-1, 1] and ``rng`` the base key, the same
+  on every device. Gradients and the loss are averaged over all devices, so
+  the update equals one step on the whole global batch.
+  """
+  t_min = training_config.t_min
+  t_max = training_config.t_max
+  ema_decay = training_config.ema_decay
+
+  def train_step(state: TrainState, images, rng):
+    per_device = images.shape[0]
+    first_id = jax.lax.axis_index("batch") * per_device
+    example_ids = first_id + jnp.arange(per_device)
+    step_rng = jax.random.fold_in(rng, state.step)
+    t, z = losses.draw_times_and_noise(
+        step_rng, example_ids, images.shape[1:], t_min, t_max)
+
+    def loss_fn(params):
+      score_fn = lambda x, times: model.apply({"params": params}, x, times)
+      return losses.dsm_loss(score_fn, images, t, z, sigma_max)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grads = jax.lax.pmean(grads, "batch")
+    loss = jax.lax.pmean(loss, "batch")
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step + 1, ema_decay)
+    ema_params = jax.tree_util.tree_map(
+        lambda ema, new: decay * ema + (1.0 - decay) * new,
+        state.ema_params, params)
+
+    new_state = state.replace(step=state.step + 1, params=params,
+                              ema_params=ema_params, opt_state=opt_state)
+    metrics = {"loss": loss, "learning_rate": learning_rate_fn(state.step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours:d}:{minutes:02d}:{seconds:02d}"
+
+
+def train(config, category_dir: str, train_loader) -> TrainState:
+  """Trains (or resumes training) and returns the final unreplicated state.
+
+  Checkpoints go to ``<category_dir>/checkpoints`` every
+  ``training.checkpoint_every_steps`` steps and at the end; a run restarted
+  with the same config continues from the latest one, with the same data
+  order and noise. Wall time and throughput are written to
+  ``<category_dir>/train_stats.json``.
+  """
+  training = config.training
+  steps_per_epoch = train_loader.steps_per_epoch
+  total_steps = training.num_epochs * steps_per_epoch
+  model = model_lib.create_model(config.model, config.sde.sigma_max)
+  learning_rate_fn = learning_rate_schedule(training, steps_per_epoch)
+  optimizer = create_optimizer(training, steps_per_epoch)
+
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  state = create_train_state(init_rng, model, optimizer, config.data.image_size)
+  logging.info("Score model: %s parameters, widths %s, %s compute.",
+               f"{model_lib.count_params(state.params):,}",
+               tuple(config.model.widths), config.model.dtype)
+
+  checkpointer = checkpoint.Checkpointer(
+      os.path.join(category_dir, "checkpoints"), training.max_checkpoints)
+  restored = checkpointer.restore(state, train_rng)
+  if restored is not None:
+    state, train_rng = restored
+  start_step = int(state.step)
+  if start_step >= total_steps:
+    logging.info("Training already finished (%d of %d steps); skipping.",
+                 start_step, total_steps)
+    checkpointer.close()
+    return state
+
+  stats_path = os.path.join(category_dir, "train_stats.json")
+  stats = {"train_seconds": 0.0, "train_images": 0, "timed_seconds": 0.0}
+  if start_step > 0 and os.path.exists(stats_path):
+    with open(stats_path) as f:
+      stats.update(json.load(f))
+
+  train_step = jax.pmap(
+      make_train_step(model, optimizer, learning_rate_fn, training,
+                      config.sde.sigma_max),
+      axis_name="batch", donate_argnums=(0,))
+  devices = jax.local_devices()
+  state = flax.jax_utils.replicate(state, devices)
+  replicated_rng = flax.jax_utils.replicate(train_rng, devices)
+  global_batch = training.batch_size
+  logging.info(
+      "Training %d steps (%d epochs x %d steps, global batch %d on %d "
+      "devices), starting at step %d.", total_steps, training.num_epochs,
+      steps_per_epoch, global_batch, jax.device_count(), start_step)
+
+  step = start_step
+  run_start = time.perf_counter()
+  timer_start, timer_step = None, step
+  last_metrics = None
+  for epoch in range(start_step // steps_per_epoch, training.num_epochs):
+    skip = start_step - epoch * steps_per_epoch
+    for index, images in enumerate(train_loader.epoch_batches(epoch)):
+      if index < skip:
+        continue
+      state, last_metrics = train_step(state, images, replicated_rng)
+      step += 1
+
+      if timer_start is None:
+        # The first step includes compilation; throughput is timed after it.
+        jax.block_until_ready(last_metrics)
+        timer_start, timer_step = time.perf_counter(), step
+        logging.info("Compiled and ran the first step in %.1f s.",
+                     timer_start - run_start)
+      if step % training.log_every_steps == 0 or step == total_steps:
+        metrics = jax.device_get(unreplicate(last_metrics))
+        elapsed = time.perf_counter() - timer_start
+        images_per_second = (step - timer_step) * global_batch / max(elapsed, 1e-9)
+        eta = (total_steps - step) * global_batch / max(images_per_second, 1e-9)
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(
+              f"The training loss is {metrics['loss']} at step {step}; the "
+              f"latest finite checkpoint is in {checkpointer.directory}. "
+              "Lower training.learning_rate or check the input images.")
+        logging.info(
+            "step %d/%d  epoch %d  loss %.2f  lr %.2e  %.1f images/s  ETA %s",
+            step, total_steps, epoch + 1, metrics["loss"],
+            metrics["learning_rate"], images_per_second, _format_seconds(eta))
+      if step % training.checkpoint_every_steps == 0 and step < total_steps:
+        checkpointer.save(unreplicate(state), train_rng)
+
+  jax.block_until_ready(state)
+  run_end = time.perf_counter()
+  state = unreplicate(state)
+  checkpointer.save(state, train_rng)
+  checkpointer.close()
+
+  stats["train_seconds"] += run_end - run_start
+  stats["train_images"] += (step - start_step) * global_batch
+  if timer_start is not None and step > timer_step:
+    stats["timed_seconds"] += run_end - timer_start
+    stats["timed_images"] = stats.get("timed_images", 0) + (
+        step - timer_step) * global_batch
+  timed_images = stats.get("timed_images", 0)
+  stats["train_images_per_second"] = (
+      timed_images / stats["timed_seconds"] if stats["timed_seconds"] else 0.0)
+  _write_json_atomically(stats_path, stats)
+  logging.info("Training took %s (%.1f images/s after compilation).",
+               _format_seconds(stats["train_seconds"]),
+               stats["train_images_per_second"])
+  return state
+
+
+def _write_json_atomically(path: str, payload) -> None:
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(temporary, path)
