@@ -9,6 +9,7 @@ Examples:
 
 import logging as pylogging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -50,7 +51,14 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("workdirs", config.data.name)
-  run_lib.run(config, workdir, _MODE.value)
+  try:
+    run_lib.run(config, workdir, _MODE.value)
+  except (ValueError, OSError, FloatingPointError) as error:
+    # User errors (bad data, config or workdir) end with their message alone;
+    # the traceback stays available at --verbosity=1.
+    logging.vlog(1, "Traceback of the error below:", exc_info=True)
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Fields shared by every configuration, set to the paper's recipe.
+"""Fields shared by every configuration, set to the published SPR recipe.
+
+The recipe is that of Shin et al., "Anomaly Detection using Score-based
+Perturbation Resilience", ICCV 2023, and of the authors' PyTorch release.
 
 The data-set configs (``mvtec.py``, ``demo.py``) start from ``get_base_config``
 and change only what differs. Every field can be overridden on the command
@@ -9,7 +12,7 @@ import ml_collections
 
 
 def get_base_config() -> ml_collections.ConfigDict:
-  """Returns the paper's recipe with no data set selected."""
+  """Returns the published SPR recipe with no data set selected."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -46,7 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.training.learning_rate = 1e-4
   # Linear warm-up from 0 to learning_rate over this many steps (0 = none).
   config.training.warmup_steps = 0
-  # The learning rate is multiplied by lr_decay_factor at each of these epochs.
+  # "piecewise": multiplied by lr_decay_factor at each of lr_decay_epochs.
+  # "cosine": decays to 0 at the last step.
+  config.training.lr_schedule = "piecewise"
   config.training.lr_decay_epochs = (1000, 2000)
   config.training.lr_decay_factor = 0.1
   config.training.weight_decay = 1e-3

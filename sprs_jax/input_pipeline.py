@@ -91,6 +91,14 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     _warn_if_built_elsewhere(builder, manual_dir)
     return builder
 
+  needs_manual_dir = bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
+  if needs_manual_dir and manual_dir is None:
+    raise ValueError(
+        f"config.data.manual_dir is not set and {builder.info.full_name} is "
+        f"not prepared in {builder.data_dir}. Pass "
+        "--config.data.manual_dir=<folder with the unpacked data set>.\n"
+        f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
   # NOTE: every process that calls this on an unprepared data set builds it.
   # Multi-host runs should prepare it once before training starts.
   logging.info(

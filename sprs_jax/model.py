@@ -96,7 +96,7 @@ class UNet(nn.Module):
 
   Attributes:
     widths: channels per level from full resolution down, (64, 128, 256, 512,
-      512) in the paper. Each must be divisible by num_groups. The decoder
+      512) in the SPR paper. Each must be divisible by num_groups. The decoder
       mirrors the encoder: decoder level k outputs widths[k - 1] channels
       (widths[0] at the top) and its first conv halves its input channels.
     num_groups: GroupNorm groups.

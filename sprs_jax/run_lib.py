@@ -47,6 +47,66 @@ def resolve_categories(data_config) -> list[str]:
   return [config.name for config in builder_class.BUILDER_CONFIGS]
 
 
+def _decoder_mid_widths(widths) -> list[int]:
+  """Returns the channels of each decoder level's first conv (see model.UNet)."""
+  mids, channels = [], widths[-1]
+  for level in range(1, len(widths)):
+    mids.append((channels + widths[-1 - level]) // 2)
+    channels = widths[max(len(widths) - 2 - level, 0)]
+  return mids
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the first invalid field, before any work starts."""
+  problems = []
+
+  def require(condition, message):
+    if not condition:
+      problems.append(message)
+
+  widths = tuple(config.model.widths)
+  groups = config.model.num_groups
+  require(len(widths) >= 1, "model.widths must name at least one level.")
+  require(groups >= 1, f"model.num_groups={groups} must be >= 1.")
+  if widths and groups >= 1:
+    for width in list(widths) + _decoder_mid_widths(widths):
+      if width % groups:
+        problems.append(
+            f"model.widths={widths} gives a layer of {width} channels, which "
+            f"model.num_groups={groups} does not divide. Use widths whose "
+            "levels and neighbouring pairs' means are multiples of num_groups.")
+        break
+  for field in ("data.image_size", "training.num_epochs",
+                "training.batch_size", "training.log_every_steps",
+                "training.checkpoint_every_steps", "training.max_checkpoints",
+                "eval.num_draws", "eval.batch_size", "eval.heatmap_size",
+                "eval.filter_size"):
+    value = _lookup(config, field)
+    require(isinstance(value, int) and value >= 1,
+            f"{field}={value!r} must be an integer >= 1.")
+  t_min, t_max = config.training.t_min, config.training.t_max
+  require(0.0 < t_min <= t_max <= 1.0,
+          f"training.t_min={t_min} and training.t_max={t_max} must satisfy "
+          "0 < t_min <= t_max <= 1.")
+  levels = tuple(config.eval.noise_levels)
+  require(levels and all(0.0 < t <= 1.0 for t in levels),
+          f"eval.noise_levels={levels} must be a non-empty tuple of diffusion "
+          "times in (0, 1], for example (0.001,).")
+  require(config.sde.sigma_max > 1.0,
+          f"sde.sigma_max={config.sde.sigma_max} must be > 1.")
+  devices = jax.local_device_count()
+  if isinstance(config.eval.batch_size, int) and config.eval.batch_size >= 1:
+    require(config.eval.batch_size % devices == 0,
+            f"eval.batch_size={config.eval.batch_size} must be a multiple of "
+            f"the {devices} local devices.")
+  if isinstance(config.training.batch_size, int) and config.training.batch_size >= 1:
+    require(config.training.batch_size % jax.device_count() == 0,
+            f"training.batch_size={config.training.batch_size} must be a "
+            f"multiple of the {jax.device_count()} devices.")
+  if problems:
+    raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
 def _check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -68,9 +128,9 @@ def _lookup(config, dotted: str):
 
 
 def _check_config_matches(config, category_dir: str) -> None:
-  """Raises if category_dir holds a model of other shapes than config."""
+  """Raises if category_dir holds a checkpoint of other shapes than config."""
   path = os.path.join(category_dir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not _has_checkpoint(category_dir):
     return
   with open(path) as f:
     saved = json.load(f)
@@ -95,15 +155,30 @@ def _write_json_atomically(path: str, payload) -> None:
   os.replace(temporary, path)
 
 
+def _checkpoint_dir(category_dir: str) -> str:
+  return os.path.join(category_dir, "checkpoints")
+
+
+def _has_checkpoint(category_dir: str) -> bool:
+  directory = _checkpoint_dir(category_dir)
+  return os.path.isdir(directory) and any(
+      name.isdigit() for name in os.listdir(directory))
+
+
+def _require_checkpoint(category_dir: str) -> None:
+  """Raises FileNotFoundError unless category_dir has a finished checkpoint."""
+  directory = _checkpoint_dir(category_dir)
+  if not _has_checkpoint(category_dir):
+    raise FileNotFoundError(
+        f"No checkpoint in {directory}. Train first with "
+        "--mode=train_and_evaluate (or --mode=train) and the same --workdir.")
+
+
 def _restore_for_evaluation(config, category_dir: str):
   """Returns the EMA params of the latest checkpoint in category_dir."""
-  directory = os.path.join(category_dir, "checkpoints")
-  checkpointer = checkpoint.Checkpointer(directory)
+  _require_checkpoint(category_dir)
+  checkpointer = checkpoint.Checkpointer(_checkpoint_dir(category_dir))
   try:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(
-          f"No checkpoint in {directory}. Train first with "
-          "--mode=train_and_evaluate (or --mode=train) and the same --workdir.")
     model = model_lib.create_model(config.model, config.sde.sigma_max)
     optimizer = train_lib.create_optimizer(config.training, 1)
     rng = jax.random.key(config.seed)
@@ -125,15 +200,17 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
   category_dir = os.path.join(workdir, category)
   logging.info("Category %s: %s, workdir %s", category, mode, category_dir)
 
-  # The data set is checked (and built) before anything is written.
+  # The data set and the workdir are checked before anything is written.
   input_pipeline.prepare(config.data)
   _check_config_matches(config, category_dir)
-  os.makedirs(category_dir, exist_ok=True)
-  _write_json_atomically(os.path.join(category_dir, "config.json"),
-                         config.to_dict())
+  if mode == "evaluate":
+    _require_checkpoint(category_dir)
 
   params = None
   if mode in ("train", "train_and_evaluate"):
+    os.makedirs(category_dir, exist_ok=True)
+    _write_json_atomically(os.path.join(category_dir, "config.json"),
+                           config.to_dict())
     train_loader = input_pipeline.TrainLoader(
         input_pipeline.load_split(config.data, "train"),
         image_size=config.data.image_size,
@@ -195,8 +272,15 @@ def run(config, workdir: str, mode: str) -> dict:
   """
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r} is not one of {', '.join(MODES)}.")
+  validate_config(config)
   categories = resolve_categories(config.data)
   _check_workdir(workdir)
+  # Every category's data is checked (and built) before any training starts,
+  # so a broken folder stops an "all" run at once, not hours in.
+  for category in categories:
+    category_data = ml_collections.ConfigDict(config.data.to_dict())
+    category_data.category = category
+    input_pipeline.prepare(category_data)
   metrics_path = os.path.join(workdir, "metrics.json")
 
   results = {}

@@ -48,7 +48,7 @@ def learning_rate_schedule(training_config, steps_per_epoch: int):
   base = training_config.learning_rate
   warmup = training_config.warmup_steps
   total_steps = training_config.num_epochs * steps_per_epoch
-  kind = training_config.get("lr_schedule", "piecewise")
+  kind = training_config.lr_schedule
   if kind == "piecewise":
     boundaries = {int(epoch * steps_per_epoch): training_config.lr_decay_factor
                   for epoch in training_config.lr_decay_epochs}

@@ -23,6 +23,7 @@ def _tiny_config(seed=0, batch_size=20):
   config.model.embed_dim = 16
   config.eval.heatmap_size = 32
   config.eval.filter_size = 5
+  config.eval.num_draws = 2
   config.eval.batch_size = batch_size
   config.eval.num_panels = 4
   return config

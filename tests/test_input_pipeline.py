@@ -6,6 +6,7 @@ Loader and batching tests use in-memory lists of examples. The tests of
 
 import logging
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -249,7 +250,8 @@ def test_train_loader_indivisible_batch_raises():
 
 def test_train_loader_defaults_to_jax_topology():
   loader = input_pipeline.TrainLoader(
-      _constant_source(4), image_size=8, global_batch_size=1, seed=0
+      _constant_source(4), image_size=8,
+      global_batch_size=jax.local_device_count(), seed=0
   )
   batch = next(loader.epoch_batches(0))
 

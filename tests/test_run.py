@@ -39,6 +39,7 @@ OVERRIDES = {
     "training.num_epochs": 1,
     "eval.heatmap_size": 32,
     "eval.filter_size": 5,
+    "eval.num_draws": 2,
     "eval.batch_size": 20,
     "eval.num_panels": 4,
 }

@@ -51,13 +51,15 @@ class LayoutGuide:
         f"{problem}\n\n"
         f"Expected layout of {self.dataset_name}:\n{self.layout.rstrip()}\n\n"
         f"Download {self.dataset_name} from {self.download_url}, unpack it and "
-        "set manual_dir to the unpacked folder."
+        "set config.data.manual_dir to the unpacked folder.\n"
+        f"Problem: {problem}"
     )
 
 
 def is_hidden(path: epath.Path) -> bool:
   """Returns whether `path` is a dot file or folder or an OS metadata file."""
-  return path.name.startswith(".") or path.name in OS_METADATA_FILES
+  return (path.name.startswith(".") or path.name in OS_METADATA_FILES
+          or path.name == "__MACOSX")
 
 
 def normalize_dir(path: epath.PathLike) -> str:
@@ -76,7 +78,7 @@ def require_manual_dir(
   Raises:
     DatasetLayoutError: if the folder is missing, is a file or is empty.
   """
-  path = epath.Path(manual_dir)
+  path = epath.Path(os.path.expanduser(os.fspath(manual_dir)))
   if not path.exists():
     raise guide.error(f"manual_dir {path} does not exist.")
   if not path.is_dir():
@@ -169,6 +171,11 @@ def load_rgb_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
     DatasetLayoutError: naming `path` if the file cannot be decoded.
   """
   image = _load_image(path, guide)
+  if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+    # 16-bit gray: keep the 8 most significant bits, since convert("RGB")
+    # would clip every value above 255.
+    values = np.asarray(image, dtype=np.uint32) >> 8
+    image = Image.fromarray(values.astype(np.uint8), "L")
   return image.convert("RGB")
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Iterator
 
 from etils import epath
+import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -269,6 +270,16 @@ def _index_test(category_dir: epath.Path) -> list[ImageRecord]:
   if not defect_dirs:
     raise GUIDE.error(f"Folder {test_dir} contains no defect folders.")
 
+  names = [defect_dir.name for defect_dir in defect_dirs]
+  if NORMAL_DEFECT_TYPE not in names:
+    raise GUIDE.error(
+        f"Folder {test_dir} has no {NORMAL_DEFECT_TYPE}/ folder of normal test "
+        "images; image-level metrics need normal and anomalous test images.")
+  if names == [NORMAL_DEFECT_TYPE]:
+    raise GUIDE.error(
+        f"Folder {test_dir} has only normal test images; add at least one "
+        "defect folder with its masks under ground_truth/.")
+
   records = []
   for defect_dir in defect_dirs:
     for image_path in layout.list_image_files(defect_dir, GUIDE):
@@ -325,6 +336,11 @@ def _load_example(record: ImageRecord) -> dict[str, object]:
     layout.check_mask_size(
         record.image_path, image.size, record.mask_path, mask.size, GUIDE
     )
+    if not np.asarray(mask).any():
+      raise GUIDE.error(
+          f"Mask {record.mask_path} of anomalous image {record.image_path} "
+          "has no non-zero pixel. Fix the mask or move the image to "
+          "test/good/.")
 
   is_normal = record.defect_type == NORMAL_DEFECT_TYPE
   return {

@@ -10,18 +10,20 @@ Defect kinds:
   surroundings.
 * ``hole``: a blob where the material is missing, dark with faint texture.
 * ``stain``: a blob tinted with a colour (rust, oil, paint) at partial opacity.
-* ``contamination``: a blob filled with a patch of a different photograph.
+* ``contamination``: a blob of foreign material, filled with a patch of a
+  colour photograph (a coffee cup, a cat's fur).
 """
 
 import numpy as np
 from scipy import ndimage
 from skimage import data as skimage_data
 
-# category -> (scikit-image photograph, photograph used for contamination)
+# category -> (scikit-image texture photograph, colour photograph that
+# contamination patches come from)
 PHOTOGRAPHS = {
-    "brick": ("brick", "gravel"),
-    "gravel": ("gravel", "grass"),
-    "grass": ("grass", "brick"),
+    "brick": ("brick", "coffee"),
+    "gravel": ("gravel", "chelsea"),
+    "grass": ("grass", "coffee"),
 }
 DEFECT_TYPES = ("scratch", "hole", "stain", "contamination")
 
@@ -37,20 +39,28 @@ _STAIN_COLOURS = np.array(
 
 
 def load_photograph(name: str) -> np.ndarray:
-  """Returns a scikit-image photograph as uint8 [512, 512]."""
+  """Returns a scikit-image photograph, uint8 [H, W] or [H, W, 3].
+
+  Texture photographs are grayscale 512 x 512; the colour ones are larger
+  than CROP_SIZE on both sides.
+  """
   photograph = getattr(skimage_data, name)()
-  if photograph.shape != (512, 512) or photograph.dtype != np.uint8:
+  if (photograph.dtype != np.uint8 or min(photograph.shape[:2]) < CROP_SIZE
+      or photograph.ndim not in (2, 3)):
     raise ValueError(
         f"scikit-image's {name!r} photograph is {photograph.shape} "
-        f"{photograph.dtype}, expected (512, 512) uint8.")
+        f"{photograph.dtype}, expected uint8 with sides >= {CROP_SIZE}.")
   return photograph
 
 
 def _random_crop(photograph, rows, rng):
+  """Returns a float32 [CROP_SIZE, CROP_SIZE, 3] crop whose top is in rows."""
   top = rng.integers(rows[0], rows[1] - CROP_SIZE + 1)
   left = rng.integers(0, photograph.shape[1] - CROP_SIZE + 1)
   crop = photograph[top:top + CROP_SIZE, left:left + CROP_SIZE]
-  return np.repeat(crop[..., None], 3, axis=-1).astype(np.float32)
+  if crop.ndim == 2:
+    crop = np.repeat(crop[..., None], 3, axis=-1)
+  return crop.astype(np.float32)
 
 
 def _blob_mask(rng, min_radius=9.0, max_radius=20.0):
@@ -112,7 +122,7 @@ def paint_defect(image, defect_type, other_photograph, rng):
     image[mask] = (1 - opacity) * image[mask] + opacity * colour
   elif defect_type == "contamination":
     mask = _blob_mask(rng)
-    patch = _random_crop(other_photograph, (0, 512), rng)
+    patch = _random_crop(other_photograph, (0, other_photograph.shape[0]), rng)
     image[mask] = patch[mask]
   else:
     raise ValueError(
@@ -121,13 +131,19 @@ def paint_defect(image, defect_type, other_photograph, rng):
 
 
 def generate_category(category: str, seed: int = 0):
-  """Yields (split, defect_type, index, image uint8 [128, 128, 3], mask bool).
+  """Returns an iterator of (split, defect_type, index, image, mask).
 
-  The output depends only on the category and the seed.
+  Images are uint8 [128, 128, 3] and masks bool [128, 128]. The output depends
+  only on the category and the seed. An unknown category raises ValueError
+  here, before iteration starts.
   """
   if category not in PHOTOGRAPHS:
     raise ValueError(
         f"Unknown category {category!r}; expected one of {sorted(PHOTOGRAPHS)}.")
+  return _generate(category, seed)
+
+
+def _generate(category: str, seed: int):
   photo_name, other_name = PHOTOGRAPHS[category]
   photograph = load_photograph(photo_name)
   other_photograph = load_photograph(other_name)
