@@ -1,6 +1,6 @@
 """Orbax checkpoints of the training state, one folder per category.
 
-A checkpoint holds the params, the EMA params, the optimizer state, the step
+A checkpoint contains the params, the EMA params, the optimizer state, the step
 and the base RNG key. Orbax writes each step into a temporary folder and
 renames it when complete, so a run killed during a save leaves the previous
 checkpoint readable.

@@ -10,7 +10,7 @@ def draw_times_and_noise(rng, example_ids, image_shape, t_min, t_max):
   """Draws (t [B], z [B, H, W, C]) with one random stream per example.
 
   Each example's draw depends only on ``rng`` and its global index in the
-  batch, so a batch split over any number of devices sees the same noise.
+  batch, so a batch split over any number of devices gets the same noise.
   """
   def draw_one(example_id):
     key_t, key_z = jax.random.split(jax.random.fold_in(rng, example_id))

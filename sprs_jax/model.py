@@ -56,8 +56,8 @@ def upsample2x_align_corners(x: jax.Array) -> jax.Array:
 class GaussianFourierProjection(nn.Module):
   """Random Fourier features of t with fixed, untrained frequencies.
 
-  The frequencies W ~ N(0, scale^2) live in the ``params`` collection (so they
-  are checkpointed and counted) but receive no gradient; the optimizer must
+  The frequencies W ~ N(0, scale^2) live in the ``params`` collection, so they
+  are checkpointed and counted, but receive no gradient. The optimizer must
   also leave them alone (see ``train.FROZEN_PARAM_NAMES``).
   """
   embed_dim: int

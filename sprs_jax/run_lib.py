@@ -26,9 +26,11 @@ from sprs_jax import train as train_lib
 
 MODES = ("train", "evaluate", "train_and_evaluate")
 ALL_CATEGORIES = "all"
-# Config fields that fix the shapes in a checkpoint; a workdir trained with
-# other values cannot be resumed or evaluated with these.
-_SHAPE_FIELDS = ("model.widths", "model.num_groups", "model.embed_dim")
+# Config fields that fix the shapes in a checkpoint or the function the
+# params compute. A workdir trained with other values cannot be resumed or
+# evaluated with these.
+_SHAPE_FIELDS = ("model.widths", "model.num_groups", "model.embed_dim",
+                 "sde.sigma_max")
 
 METRIC_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -128,7 +130,7 @@ def _lookup(config, dotted: str):
 
 
 def _check_config_matches(config, category_dir: str) -> None:
-  """Raises if category_dir holds a checkpoint of other shapes than config."""
+  """Raises if category_dir contains a checkpoint of other shapes than config."""
   path = os.path.join(category_dir, "config.json")
   if not os.path.exists(path) or not _has_checkpoint(category_dir):
     return
@@ -142,7 +144,7 @@ def _check_config_matches(config, category_dir: str) -> None:
       mismatches.append(f"{field}: workdir has {saved_value}, config has {value}")
   if mismatches:
     raise ValueError(
-        f"{category_dir} holds a model trained with other shapes "
+        f"{category_dir} contains a model trained with other settings "
         f"({'; '.join(mismatches)}). Use another --workdir, or set these "
         "fields back to the workdir's values.")
 

@@ -21,7 +21,7 @@ def resilience_maps(score_fn, images, example_keys, noise_levels,
   For each noise level t and draw, e = (sigma(t)^2 s(x + n, t) + n)^2 with
   n = sigma(t) z, averaged over channels and draws. Each level's map is
   divided by sigma(t)^2 before the levels are averaged, so that all levels
-  weigh alike; with one level this is the reference map up to a constant,
+  weigh alike. With one level this is the reference map up to a constant,
   which changes no ranking. Levels and draws run as one vmapped batch.
 
   Args:
@@ -90,7 +90,7 @@ def make_score_batch(model, eval_config, sigma_max: float):
   """Returns score_batch(params, images, keys) -> (heat maps, image scores).
 
   A pure function of its arguments, ready for jit or pmap; ``images`` is
-  [B, H, W, 3] in [-1, 1] and ``keys`` holds one PRNG key per image. Heat
+  [B, H, W, 3] in [-1, 1] and ``keys`` contains one PRNG key per image. Heat
   maps are [B, heatmap_size, heatmap_size] and image scores [B].
   """
   noise_levels = tuple(float(t) for t in eval_config.noise_levels)
