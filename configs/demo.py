@@ -6,7 +6,7 @@ Usage: ``python run.py --config=configs/demo.py`` (brick),
 The recipe departs from the published SPR recipe (``base.py``) only through
 config fields, so the same overrides apply it to any data set:
 
-* the model sees the 128-pixel photos at full resolution, with the U-Net's
+* the model takes the 128-pixel photos at full resolution, with the U-Net's
   widths divided by four (1.3 M parameters instead of 17.8 M) and GroupNorm
   groups halved to fit the narrower first level;
 * training stops after 20 epochs (200 steps of 16 images) at the constant
