@@ -149,14 +149,6 @@ def _check_config_matches(config, category_dir: str) -> None:
         "fields back to the workdir's values.")
 
 
-def _write_json_atomically(path: str, payload) -> None:
-  temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(temporary, path)
-
-
 def _checkpoint_dir(category_dir: str) -> str:
   return os.path.join(category_dir, "checkpoints")
 
@@ -211,7 +203,7 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
   params = None
   if mode in ("train", "train_and_evaluate"):
     os.makedirs(category_dir, exist_ok=True)
-    _write_json_atomically(os.path.join(category_dir, "config.json"),
+    train_lib.write_json_atomically(os.path.join(category_dir, "config.json"),
                            config.to_dict())
     train_loader = input_pipeline.TrainLoader(
         input_pipeline.load_split(config.data, "train"),
@@ -299,7 +291,7 @@ def run(config, workdir: str, mode: str) -> dict:
       with open(metrics_path) as f:
         all_metrics = json.load(f)
     all_metrics[category] = category_results
-    _write_json_atomically(metrics_path, all_metrics)
+    train_lib.write_json_atomically(metrics_path, all_metrics)
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(f"# Results in {os.path.abspath(workdir)}\n\n")
       f.write(format_results_table(all_metrics))

@@ -107,9 +107,9 @@ def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
                     training_config, sigma_max: float):
   """Returns train_step(state, images, rng) -> (state, metrics) for pmap.
 
-  It must run under ``jax.pmap(..., axis_name="batch")``; ``images`` is the
-  per-device batch [b, H, W, 3] in [-1, 1] and ``rng`` the base key, the same
-  on every device. Gradients and the loss are averaged over all devices, so
+  It must run under ``jax.pmap(..., axis_name="batch")``. ``images`` is the
+  per-device batch [b, H, W, 3] in [-1, 1], and ``rng`` is the base key, the
+  same on every device. Gradients and the loss are averaged over all devices, so
   the update equals one step on the whole global batch.
   """
   t_min = training_config.t_min
@@ -157,7 +157,7 @@ def train(config, category_dir: str, train_loader) -> TrainState:
   """Trains (or resumes training) and returns the final unreplicated state.
 
   Checkpoints go to ``<category_dir>/checkpoints`` every
-  ``training.checkpoint_every_steps`` steps and at the end; a run restarted
+  ``training.checkpoint_every_steps`` steps and at the end. A run restarted
   with the same config continues from the latest one, with the same data
   order and noise. Wall time and throughput are written to
   ``<category_dir>/train_stats.json``.
@@ -257,15 +257,20 @@ def train(config, category_dir: str, train_loader) -> TrainState:
   timed_images = stats.get("timed_images", 0)
   stats["train_images_per_second"] = (
       timed_images / stats["timed_seconds"] if stats["timed_seconds"] else 0.0)
-  _write_json_atomically(stats_path, stats)
+  write_json_atomically(stats_path, stats)
   logging.info("Training took %s (%.1f images/s after compilation).",
                _format_seconds(stats["train_seconds"]),
                stats["train_images_per_second"])
   return state
 
 
-def _write_json_atomically(path: str, payload) -> None:
+def write_json_atomically(path: str, payload) -> None:
+  """Writes payload as JSON to a temporary file, then renames it to path.
+
+  A reader never sees a half-written file, and a crash leaves the old one.
+  """
   temporary = path + ".tmp"
   with open(temporary, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
   os.replace(temporary, path)
