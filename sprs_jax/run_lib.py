@@ -203,8 +203,8 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
   params = None
   if mode in ("train", "train_and_evaluate"):
     os.makedirs(category_dir, exist_ok=True)
-    train_lib.write_json_atomically(os.path.join(category_dir, "config.json"),
-                           config.to_dict())
+    train_lib.write_json_atomically(
+        os.path.join(category_dir, "config.json"), config.to_dict())
     train_loader = input_pipeline.TrainLoader(
         input_pipeline.load_split(config.data, "train"),
         image_size=config.data.image_size,
