@@ -25,7 +25,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Where TFDS stores the prepared array_record files ("" = TFDS's default,
   # ~/tensorflow_datasets, or $TFDS_DATA_DIR).
   config.data.data_dir = ""
-  # Side in pixels of the square images the score model sees.
+  # Side in pixels of the square images given to the score model.
   config.data.image_size = 192
 
   config.model = ml_collections.ConfigDict()

@@ -89,8 +89,8 @@ def postprocess(maps, heatmap_size: int, filter_size: int):
 def make_score_batch(model, eval_config, sigma_max: float):
   """Returns score_batch(params, images, keys) -> (heat maps, image scores).
 
-  A pure function of its arguments, ready for jit or pmap; ``images`` is
-  [B, H, W, 3] in [-1, 1] and ``keys`` contains one PRNG key per image. Heat
+  The function is pure, so it is ready for jit or pmap. ``images`` is
+  [B, H, W, 3] in [-1, 1], and ``keys`` contains one PRNG key per image. Heat
   maps are [B, heatmap_size, heatmap_size] and image scores [B].
   """
   noise_levels = tuple(float(t) for t in eval_config.noise_levels)

@@ -82,7 +82,8 @@ def test_postprocess_resizes_and_takes_max():
   assert float(scores[0]) == 0.0
   assert float(scores[1]) > 0.0
   peak = np.unravel_index(np.argmax(heatmaps[1]), (32, 32))
-  assert abs(peak[0] - 14) <= 2 and abs(peak[1] - 18) <= 2
+  assert abs(peak[0] - 14) <= 2
+  assert abs(peak[1] - 18) <= 2
 
 
 def test_make_score_batch_rejects_bad_noise_levels():

@@ -43,23 +43,25 @@ def _run_steps(state, step_fn, images, devices, num_steps):
   return train.unreplicate(state), train.unreplicate(metrics)
 
 
-def test_two_devices_equal_one_device_on_same_global_batch():
+def test_pmap_two_devices_matches_one():
   assert jax.local_device_count() >= 2, "conftest forces 2 host devices"
   config = _tiny_config()
   state, step_fn = _setup(config)
   images = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3), minval=-1)
 
-  one, metrics_one = _run_steps(state, step_fn, images, jax.devices()[:1], 3)
-  two, metrics_two = _run_steps(state, step_fn, images, jax.devices()[:2], 3)
+  devices = jax.devices()
+  single, metrics_single = _run_steps(state, step_fn, images, devices[:1], 3)
+  pair, metrics_pair = _run_steps(state, step_fn, images, devices[:2], 3)
 
-  assert int(one.step) == int(two.step) == 3
-  assert float(metrics_one["loss"]) == pytest.approx(
-      float(metrics_two["loss"]), rel=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(one.params),
-                  jax.tree_util.tree_leaves(two.params)):
+  assert int(single.step) == 3
+  assert int(pair.step) == 3
+  assert float(metrics_single["loss"]) == pytest.approx(
+      float(metrics_pair["loss"]), rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(single.params),
+                  jax.tree_util.tree_leaves(pair.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree_util.tree_leaves(one.ema_params),
-                  jax.tree_util.tree_leaves(two.ema_params)):
+  for a, b in zip(jax.tree_util.tree_leaves(single.ema_params),
+                  jax.tree_util.tree_leaves(pair.ema_params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
