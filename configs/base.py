@@ -3,9 +3,10 @@
 The recipe is that of Shin et al., "Anomaly Detection using Score-based
 Perturbation Resilience", ICCV 2023, and of the authors' PyTorch release.
 
-The data-set configs (``mvtec.py``, ``demo.py``) start from ``get_base_config``
-and change only what differs. Every field can be overridden on the command
-line, for example ``--config.training.num_epochs=10``.
+The data-set configs (``mvtec.py``, ``btad.py``, ``mpdd.py``, ``demo.py``)
+start from ``get_base_config`` and change only what differs. Every field can
+be overridden on the command line, for example
+``--config.training.num_epochs=10``.
 """
 
 import ml_collections
@@ -17,7 +18,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  # TFDS builder name ("mvtec_ad" or "spr_textures") and BuilderConfig name.
+  # TFDS builder name (a key of input_pipeline.BUILDERS, such as "mvtec_ad")
+  # and BuilderConfig name.
   config.data.name = ""
   config.data.category = ""
   # Folder with the unpacked data set, in the layout the builder documents.

@@ -4,6 +4,12 @@ Examples come from `tfds.data_source` (array_record files, random access) and
 are resized with Pillow, so neither TensorFlow nor Grain is needed. Images enter the model as
 float32 in [-1, 1], x / 127.5 - 1.
 
+Builders store images at their original size, which need not be square (BTAD
+product 03 is 800 x 600 pixels). Every image is resized to a square of
+`image_size` pixels and every mask to a square of `heatmap_size` pixels, with
+no crop, so the whole image is scored and non-square images change their
+aspect ratio.
+
 Builders are looked up by `config.data.name` in `BUILDERS`, as "module:Class"
 strings imported on first use, so a builder module only has to exist when it
 is selected.
@@ -25,6 +31,8 @@ from tfds_builders import layout
 
 # Builder name (config.data.name) -> "module:Class" of its TFDS builder.
 BUILDERS = {
+    "btad": "tfds_builders.btad.btad_dataset_builder:Btad",
+    "mpdd": "tfds_builders.mpdd.mpdd_dataset_builder:Mpdd",
     "mvtec_ad": "tfds_builders.mvtec_ad.mvtec_ad_dataset_builder:MvtecAd",
     "spr_textures": (
         "tfds_builders.spr_textures.spr_textures_dataset_builder:SprTextures"
@@ -147,7 +155,10 @@ def preprocess_image(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def resize_image(image_uint8: np.ndarray, size: int) -> np.ndarray:
-  """Resizes uint8 [H, W, 3] to uint8 [size, size, 3], Pillow bilinear."""
+  """Resizes uint8 [H, W, 3] to uint8 [size, size, 3], Pillow bilinear.
+
+  Non-square images are resized, not cropped, so their aspect ratio changes.
+  """
   image_uint8 = np.asarray(image_uint8)
   is_rgb = image_uint8.ndim == 3 and image_uint8.shape[-1] == 3
   if image_uint8.dtype != np.uint8 or not is_rgb:
@@ -168,7 +179,8 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
   """Resizes a mask [H, W] or [H, W, 1] to uint8 {0, 1} [size, size].
 
   Nearest-neighbour, so the result stays binary. Any non-zero input pixel
-  counts as anomalous.
+  counts as anomalous. Non-square masks are resized like their images, with
+  no crop.
   """
   mask = np.asarray(mask)
   if mask.ndim == 3:

@@ -158,6 +158,35 @@ def test_preprocess_image_rejects_non_uint8():
     input_pipeline.preprocess_image(np.zeros((4, 4, 3), np.float32), 4)
 
 
+def test_resize_image_non_square_not_cropped():
+  # A center crop to a square would cut off the bright outer quarter.
+  wide = np.zeros((6, 12, 3), np.uint8)
+  wide[:, :3] = 255
+  tall = np.zeros((12, 6, 3), np.uint8)
+  tall[:3] = 255
+
+  wide_resized = input_pipeline.resize_image(wide, 4)
+  tall_resized = input_pipeline.resize_image(tall, 4)
+
+  assert wide_resized.shape == (4, 4, 3)
+  assert tall_resized.shape == (4, 4, 3)
+  assert wide_resized[:, 0].min() > 127
+  assert wide_resized[:, 3].max() == 0
+  assert tall_resized[0].min() > 127
+  assert tall_resized[3].max() == 0
+
+
+def test_resize_mask_non_square_not_cropped():
+  mask = np.zeros((6, 12, 1), np.uint8)
+  mask[:, 9:] = 255
+
+  resized = input_pipeline.resize_mask(mask, 4)
+
+  expected = np.zeros((4, 4), np.uint8)
+  expected[:, 3] = 1
+  np.testing.assert_array_equal(resized, expected)
+
+
 def test_train_loader_shapes():
   loader = _loader(
       _constant_source(10), global_batch_size=8, local_device_count=2

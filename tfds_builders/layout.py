@@ -5,9 +5,12 @@ with these helpers before generating anything. Every problem raises
 `DatasetLayoutError` with the path at fault, the expected layout and the
 download address, so the user can fix the folder without reading the builder.
 
-Hidden entries (names that start with "." and the OS files in
-`OS_METADATA_FILES`) are skipped. A hidden file that is a readable image is
-an error instead, because skipping it would drop an image without a trace.
+Hidden entries (names that start with ".", the OS files in
+`OS_METADATA_FILES` and `__MACOSX/` folders) are skipped. A hidden file that is
+a readable image is an error instead, because skipping it would drop an image
+without a trace.
+
+File extensions are compared in any letter case, so "000.PNG" is an image.
 """
 
 from collections.abc import Sequence
@@ -20,6 +23,17 @@ from PIL import Image
 
 # Files that operating systems write into folders they display.
 OS_METADATA_FILES = frozenset({"Thumbs.db", "desktop.ini"})
+
+# Folder that the macOS archiver adds next to the packed files.
+MACOS_ARCHIVE_DIR = "__MACOSX"
+
+# Extensions of image files, lower case. JPEG is lossy, so masks are PNG or BMP.
+IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg")
+MASK_EXTENSIONS = (".png", ".bmp")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG color types with more than one channel: RGB, gray + alpha, RGBA.
+_PNG_MULTICHANNEL_COLOR_TYPES = (2, 4, 6)
 
 # Errors Pillow raises on files that are missing, unreadable or not images.
 _PIL_READ_ERRORS = (
@@ -59,7 +73,12 @@ class LayoutGuide:
 def is_hidden(path: epath.Path) -> bool:
   """Returns whether `path` is a dot file or folder or an OS metadata file."""
   return (path.name.startswith(".") or path.name in OS_METADATA_FILES
-          or path.name == "__MACOSX")
+          or path.name == MACOS_ARCHIVE_DIR)
+
+
+def has_extension(path: epath.Path, extensions: Sequence[str]) -> bool:
+  """Returns whether the suffix of `path`, in lower case, is in `extensions`."""
+  return path.suffix.lower() in extensions
 
 
 def normalize_dir(path: epath.PathLike) -> str:
@@ -115,12 +134,13 @@ def list_image_files(
   """Returns the visible files of an image folder, sorted by name.
 
   The files are not opened here, except hidden files: `read_image_size`
-  checks the returned ones. An empty folder counts as a broken copy.
+  checks the returned ones. An empty folder counts as a broken copy, because
+  it usually comes from an interrupted download or unpacking.
 
   Raises:
     DatasetLayoutError: if `folder` is missing, contains no visible file, has a
-      visible subfolder (its images would be skipped) or has a hidden file
-      that is an image.
+      visible subfolder (its images would be skipped), a visible file whose
+      extension is not in `IMAGE_EXTENSIONS` or a hidden file that is an image.
   """
   require_dir(folder, guide)
   files = []
@@ -133,6 +153,11 @@ def list_image_files(
       continue
 
     if not is_hidden(entry):
+      if not has_extension(entry, IMAGE_EXTENSIONS):
+        raise guide.error(
+            f"Unexpected file {entry}: image folders contain only "
+            f"{format_choices(IMAGE_EXTENSIONS)} images. Move or delete it."
+        )
       files.append(entry)
     elif _opens_as_image(entry):
       raise guide.error(
@@ -143,6 +168,28 @@ def list_image_files(
   if not files:
     raise guide.error(f"Folder {folder} contains no images.")
   return files
+
+
+def reject_loose_images(
+    folder: epath.Path, guide: LayoutGuide, expected_place: str
+) -> None:
+  """Checks that the visible files directly in `folder` are not images.
+
+  Use it on folders that contain image folders, where a loose image would be
+  skipped. Other files, such as a license or a readme, are allowed.
+
+  Raises:
+    DatasetLayoutError: naming the first image file, with `expected_place`
+      as the folder where images belong.
+  """
+  for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
+    if is_hidden(entry) or entry.is_dir():
+      continue
+    if has_extension(entry, IMAGE_EXTENSIONS):
+      raise guide.error(
+          f"Unexpected image file {entry}: images belong in {expected_place}. "
+          "Move it there or delete it."
+      )
 
 
 def read_image_size(path: epath.Path, guide: LayoutGuide) -> tuple[int, int]:
@@ -164,8 +211,23 @@ def read_image_size(path: epath.Path, guide: LayoutGuide) -> tuple[int, int]:
     ) from error
 
 
+def read_mask_size(path: epath.Path, guide: LayoutGuide) -> tuple[int, int]:
+  """Reads the header of the mask at `path` and returns (width, height).
+
+  Raises:
+    DatasetLayoutError: naming `path` if it cannot be opened as an image or is
+      a PNG with 16 bits per channel and more than one channel.
+  """
+  size = read_image_size(path, guide)
+  _check_mask_depth(path, guide)
+  return size
+
+
 def load_rgb_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
   """Decodes the image at `path` as 8-bit RGB (gray is repeated, alpha dropped).
+
+  Of 16-bit channels the 8 most significant bits are kept. Palette images are
+  mapped to their colors.
 
   Raises:
     DatasetLayoutError: naming `path` if the file cannot be decoded.
@@ -182,12 +244,16 @@ def load_rgb_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
 def load_binary_mask(path: epath.Path, guide: LayoutGuide) -> Image.Image:
   """Decodes the mask at `path` as an 8-bit image with values 0 and 255.
 
-  A pixel is anomalous (255) when any of its color channels is non-zero;
-  alpha is ignored and palette images are mapped to their colors first.
+  A pixel is anomalous (255) when any of its color channels is non-zero, so
+  masks stored as 0/1, 0/255, with anti-aliased edges or with class codes all
+  work. Alpha is ignored, palette images are mapped to their colors first and
+  16-bit grayscale values are compared at full depth.
 
   Raises:
-    DatasetLayoutError: naming `path` if the file cannot be decoded.
+    DatasetLayoutError: naming `path` if the file cannot be decoded, or if it is
+      a PNG with 16 bits per channel and more than one channel.
   """
+  _check_mask_depth(path, guide)
   image = _load_image(path, guide)
   if image.mode == "P":
     image = image.convert("RGBA")
@@ -229,6 +295,30 @@ def format_choices(choices: Sequence[str]) -> str:
 def _format_size(size: tuple[int, int]) -> str:
   width, height = size
   return f"{width}x{height} (width x height)"
+
+
+def _check_mask_depth(path: epath.Path, guide: LayoutGuide) -> None:
+  """Raises for PNG masks with 16 bits per channel and 2 to 4 channels.
+
+  Pillow (checked with 13.0) decodes these to 8 bits per channel by dropping
+  the low byte, so a mask stored with small values such as 1 would read as
+  all zero. 16-bit grayscale masks keep their full depth and are accepted.
+  """
+  try:
+    with path.open("rb") as file:
+      header = file.read(26)
+  except OSError:
+    return  # `_load_image` or `read_image_size` reports the unreadable file.
+  if not header.startswith(_PNG_SIGNATURE) or len(header) < 26:
+    return
+
+  # IHDR is always the first chunk: bit depth at byte 24, color type at 25.
+  bit_depth, color_type = header[24], header[25]
+  if bit_depth == 16 and color_type in _PNG_MULTICHANNEL_COLOR_TYPES:
+    raise guide.error(
+        f"Mask {path} is a PNG with 16 bits per color channel, which cannot be "
+        "read without losing values. Save it as 8-bit or as 16-bit grayscale."
+    )
 
 
 def _opens_as_image(path: epath.Path) -> bool:

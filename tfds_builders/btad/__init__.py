@@ -1,0 +1,1 @@
+"""TFDS builder for BTAD, read from a manually downloaded copy."""

@@ -1,0 +1,1 @@
+"""TFDS builder for MPDD, read from a manually downloaded copy."""
