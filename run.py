@@ -1,10 +1,12 @@
-"""Trains and evaluates SPR anomaly detectors.
+"""Trains and evaluates SPR anomaly detectors, and scores new photos.
 
 Examples:
   python run.py --config=configs/demo.py
   python run.py --config=configs/demo.py:all --workdir=workdirs/demo_all
   python run.py --config=configs/mvtec.py:bottle \
       --config.data.manual_dir=/data/mvtec_anomaly_detection
+  python run.py --mode=predict --workdir=workdirs/spr_textures \
+      --images='photos/*.jpg'
 """
 
 import logging as pylogging
@@ -21,17 +23,31 @@ from sprs_jax import run_lib
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Config file and category, e.g. configs/mvtec.py:bottle or "
-    "configs/demo.py:all. Fields are overridden with --config.a.b=value.",
+    "configs/demo.py:all. Fields are overridden with --config.a.b=value. "
+    "Required by every mode except predict.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Folder for checkpoints, metrics.json, results.md and panels. Default: "
-    "workdirs/<data set name>.")
+    "workdirs/<data set name>. Required by --mode=predict.")
 _MODE = flags.DEFINE_enum(
     "mode", "train_and_evaluate", list(run_lib.MODES),
     "train: train only; evaluate: score the test split with the latest "
-    "checkpoint in the workdir; train_and_evaluate: both.")
-flags.mark_flags_as_required(["config"])
+    "checkpoint in the workdir; train_and_evaluate: both; predict: score "
+    "unlabeled photos (--images) with a trained and evaluated workdir.")
+_IMAGES = flags.DEFINE_string(
+    "images", None,
+    "--mode=predict: the photos to score, as an image file, a folder or a "
+    "quoted glob pattern such as 'photos/*.jpg'.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None,
+    "--mode=predict: folder for predictions.csv and heatmaps/. Default: "
+    "<workdir>/<category>/predictions.")
+_CATEGORY = flags.DEFINE_string(
+    "category", None,
+    "--mode=predict: the workdir's category to score with. Required when the "
+    "workdir contains several categories.")
+_PREDICT_ONLY_FLAGS = (_IMAGES, _OUTPUT, _CATEGORY)
 
 
 class _QuietLibraryInfo(pylogging.Filter):
@@ -44,15 +60,51 @@ class _QuietLibraryInfo(pylogging.Filter):
     return record.levelno > pylogging.INFO or not noisy
 
 
+def _check_flags(mode: str) -> None:
+  """Raises ValueError if `mode` lacks a flag it needs or gets an unused one."""
+  if mode == run_lib.PREDICT_MODE:
+    if _CONFIG.value is not None:
+      raise ValueError(
+          "--config is not used by --mode=predict, which reads the config "
+          "stored in <workdir>/<category>/config.json. Remove --config and "
+          "its --config.* overrides.")
+    for flag, example in ((_WORKDIR, "--workdir=workdirs/spr_textures"),
+                          (_IMAGES, "--images='photos/*.png'")):
+      if not flag.value:
+        raise ValueError(
+            f"--{flag.name} is required by --mode=predict, for example "
+            f"{example}.")
+    return
+
+  if _CONFIG.value is None:
+    raise ValueError(
+        f"--config is required by --mode={mode}, for example "
+        "--config=configs/demo.py:gravel.")
+  for flag in _PREDICT_ONLY_FLAGS:
+    if flag.value is not None:
+      hint = ""
+      if flag is _CATEGORY:
+        hint = (f" With --mode={mode}, the config selects the category, for "
+                "example --config=configs/demo.py:gravel.")
+      raise ValueError(
+          f"--{flag.name} is only used by --mode=predict.{hint}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join("workdirs", config.data.name)
+  mode = _MODE.value
   try:
-    run_lib.run(config, workdir, _MODE.value)
+    _check_flags(mode)
+    if mode == run_lib.PREDICT_MODE:
+      run_lib.predict(_WORKDIR.value, _IMAGES.value, _OUTPUT.value,
+                      _CATEGORY.value)
+    else:
+      config = _CONFIG.value
+      workdir = _WORKDIR.value or os.path.join("workdirs", config.data.name)
+      run_lib.run(config, workdir, mode)
   except (ValueError, OSError, FloatingPointError) as error:
     # User errors (bad data, config or workdir) end with their message alone;
     # the traceback stays available at --verbosity=1.

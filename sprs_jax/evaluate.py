@@ -13,6 +13,7 @@ from sprs_jax import input_pipeline
 from sprs_jax import metrics as metrics_lib
 from sprs_jax import model as model_lib
 from sprs_jax import scoring
+from sprs_jax import threshold as threshold_lib
 from sprs_jax import visualize
 
 
@@ -35,11 +36,8 @@ def score_split(config, params, source):
     raise ValueError(
         f"eval.batch_size={eval_config.batch_size} must be divisible by the "
         f"{num_devices} local devices.")
-  model = model_lib.create_model(config.model, config.sde.sigma_max)
-  score_batch = jax.pmap(
-      scoring.make_score_batch(model, eval_config, config.sde.sigma_max))
-  params = flax.jax_utils.replicate(params)
-  base_key = jax.random.fold_in(jax.random.key(config.seed), 0x5C0E)
+  score_batch = make_device_scorer(config, params)
+  base_key = noise_base_key(config.seed)
 
   outputs = {key: [] for key in ("heatmaps", "scores", "masks", "labels",
                                  "display", "file_names", "defect_types")}
@@ -51,12 +49,10 @@ def score_split(config, params, source):
     size = len(batch["valid"])
     indices = jnp.arange(first_index, first_index + size)
     keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
-    heatmaps, scores = score_batch(
-        params, _split(batch["image"], num_devices), _split(keys, num_devices))
+    heatmaps, scores = score_batch(batch["image"], keys)
     valid = np.asarray(batch["valid"])
-    outputs["heatmaps"].append(np.asarray(heatmaps).reshape(
-        (size,) + heatmaps.shape[2:])[valid])
-    outputs["scores"].append(np.asarray(scores).reshape(size)[valid])
+    outputs["heatmaps"].append(heatmaps[valid])
+    outputs["scores"].append(scores[valid])
     outputs["masks"].append(batch["mask"][valid])
     outputs["labels"].append(batch["label"][valid])
     outputs["display"].append(batch["display"][valid])
@@ -71,6 +67,37 @@ def score_split(config, params, source):
   for key in ("heatmaps", "scores", "masks", "labels", "display"):
     outputs[key] = np.concatenate(outputs[key])
   return outputs
+
+
+def noise_base_key(seed: int):
+  """Returns the key from which every scored image's noise key is folded."""
+  return jax.random.fold_in(jax.random.key(seed), 0x5C0E)
+
+
+def make_device_scorer(config, params):
+  """Returns score(images, keys) -> (heat maps, image scores) as NumPy arrays.
+
+  The batch is split over all local devices, so its size must be a multiple
+  of jax.local_device_count(). ``images`` is float32 [B, S, S, 3] in [-1, 1]
+  and ``keys`` contains one PRNG key per image. Heat maps are float32
+  [B, heatmap_size, heatmap_size] and scores [B].
+  """
+  num_devices = jax.local_device_count()
+  model = model_lib.create_model(config.model, config.sde.sigma_max)
+  score_batch = jax.pmap(
+      scoring.make_score_batch(model, config.eval, config.sde.sigma_max))
+  replicated_params = flax.jax_utils.replicate(params)
+
+  def score(images, keys):
+    size = len(images)
+    heatmaps, scores = score_batch(
+        replicated_params, _split(images, num_devices),
+        _split(keys, num_devices))
+    heatmaps = np.asarray(heatmaps)
+    return (heatmaps.reshape((size,) + heatmaps.shape[2:]),
+            np.asarray(scores).reshape(size))
+
+  return score
 
 
 def _split(array, num_devices):
@@ -91,10 +118,13 @@ def select_panel_indices(defect_types, num_panels: int) -> list[int]:
 
 
 def evaluate(config, category_dir: str, params, source) -> dict:
-  """Scores the test split, computes the metrics and writes PNG panels.
+  """Scores the test split, computes the metrics and writes the outputs.
 
-  Panels go to ``<category_dir>/panels``; they share one colour scale (the
-  heat maps' min and max over the split) so they can be compared.
+  The F1-max threshold goes to ``<category_dir>/threshold.json`` (see
+  ``sprs_jax.threshold``), for the predict mode. Panels go to
+  ``<category_dir>/panels``. They share one colour scale (the heat maps' min
+  and max over the split) so they can be compared, and their titles give
+  each image's verdict at that threshold.
 
   Returns:
     The dict of ``metrics.compute_metrics`` plus ``num_test_images``.
@@ -104,6 +134,12 @@ def evaluate(config, category_dir: str, params, source) -> dict:
       outputs["labels"], outputs["scores"], outputs["masks"],
       outputs["heatmaps"])
   results["num_test_images"] = int(len(outputs["labels"]))
+  record = threshold_lib.make_record(
+      results["f1_threshold"], results["f1_max"], outputs["labels"],
+      outputs["scores"], outputs["heatmaps"])
+  threshold_path = threshold_lib.save(category_dir, record)
+  logging.info("Wrote the decision threshold %.6g (F1-max %.4f) to %s",
+               record["threshold"], record["f1_max"], threshold_path)
 
   chosen = select_panel_indices(outputs["defect_types"],
                                 config.eval.num_panels)
@@ -115,7 +151,8 @@ def evaluate(config, category_dir: str, params, source) -> dict:
         outputs["heatmaps"][chosen],
         [outputs["file_names"][i] for i in chosen],
         outputs["scores"][chosen],
-        vmin=float(outputs["heatmaps"].min()),
-        vmax=float(outputs["heatmaps"].max()))
+        vmin=record["heatmap_min"],
+        vmax=record["heatmap_max"],
+        threshold=record["threshold"])
     logging.info("Wrote %d panels to %s", len(paths), panel_dir)
   return results

@@ -8,6 +8,8 @@ Workdir layout::
   <workdir>/<category>/checkpoints/<step>/   Orbax checkpoints
   <workdir>/<category>/train_stats.json      wall time and images/s
   <workdir>/<category>/panels/*.png          input | ground truth | heat map
+  <workdir>/<category>/threshold.json        decision threshold (evaluate)
+  <workdir>/<category>/predictions/          default output of the predict mode
 """
 
 import json
@@ -22,9 +24,16 @@ from sprs_jax import checkpoint
 from sprs_jax import evaluate as evaluate_lib
 from sprs_jax import input_pipeline
 from sprs_jax import model as model_lib
+from sprs_jax import predict as predict_lib
+from sprs_jax import threshold as threshold_lib
 from sprs_jax import train as train_lib
 
-MODES = ("train", "evaluate", "train_and_evaluate")
+# Modes that `run` carries out with a config. The predict mode (`predict`)
+# reads the config that the workdir stores.
+CONFIG_MODES = ("train", "evaluate", "train_and_evaluate")
+PREDICT_MODE = "predict"
+MODES = CONFIG_MODES + (PREDICT_MODE,)
+PREDICTIONS_DIR = "predictions"
 ALL_CATEGORIES = "all"
 # Config fields that fix the shapes in a checkpoint or the function the
 # params compute. A workdir trained with other values cannot be resumed or
@@ -264,8 +273,9 @@ def run(config, workdir: str, mode: str) -> dict:
   figures of other categories already there are kept, and results.md is
   rewritten from it. Returns the metrics of the categories run now.
   """
-  if mode not in MODES:
-    raise ValueError(f"--mode={mode!r} is not one of {', '.join(MODES)}.")
+  if mode not in CONFIG_MODES:
+    raise ValueError(
+        f"--mode={mode!r} is not one of {', '.join(CONFIG_MODES)}.")
   validate_config(config)
   categories = resolve_categories(config.data)
   _check_workdir(workdir)
@@ -302,3 +312,106 @@ def run(config, workdir: str, mode: str) -> dict:
     logging.info("Wrote %s and %s", metrics_path,
                  os.path.join(workdir, "results.md"))
   return results
+
+
+def trained_categories(workdir: str) -> list[str]:
+  """Returns the sorted categories of workdir that have a config.json."""
+  if not os.path.isdir(workdir):
+    return []
+  return sorted(
+      name for name in os.listdir(workdir)
+      if os.path.isfile(os.path.join(workdir, name, "config.json")))
+
+
+def select_category(workdir: str, category: str | None) -> str:
+  """Returns `category`, or the workdir's only trained category if None.
+
+  Raises:
+    ValueError: if the workdir has no trained category, if `category` is not
+      one of them, or if it is None and there are several, listing them.
+  """
+  if not os.path.isdir(workdir):
+    raise ValueError(
+        f"The workdir {workdir!r} does not exist or is not a folder. Pass the "
+        "--workdir of a trained and evaluated run.")
+  categories = trained_categories(workdir)
+  if not categories:
+    raise ValueError(
+        f"The workdir {workdir!r} contains no trained category (no "
+        "<category>/config.json). Train first with --mode=train_and_evaluate "
+        "and this --workdir.")
+  if category is None:
+    if len(categories) > 1:
+      raise ValueError(
+          f"The workdir {workdir!r} contains {len(categories)} categories: "
+          f"{', '.join(categories)}. Select one with --category.")
+    return categories[0]
+  if category not in categories:
+    raise ValueError(
+        f"Category {category!r} is not trained in the workdir {workdir!r}. "
+        f"Trained categories: {', '.join(categories)}.")
+  return category
+
+
+def load_saved_config(category_dir: str) -> ml_collections.ConfigDict:
+  """Returns the config stored in <category_dir>/config.json."""
+  path = os.path.join(category_dir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise ValueError(
+        f"Failed to read the training config {path}: {error}. Train the "
+        "category again with --mode=train_and_evaluate.") from error
+  return ml_collections.ConfigDict(saved)
+
+
+def predict(workdir: str, images: str, output_dir: str | None = None,
+            category: str | None = None) -> predict_lib.Summary:
+  """Scores the photos that `images` names with a trained category.
+
+  Uses the config, the latest checkpoint's EMA params and the threshold
+  stored in <workdir>/<category>. Every input is checked first: the
+  category, the threshold, the checkpoint, the output folder and every photo.
+  Any problem raises before anything is scored or written.
+
+  Args:
+    workdir: a workdir trained and evaluated by `run`.
+    images: an image file, a folder or a glob pattern (`predict.find_images`).
+    output_dir: folder for predictions.csv and heatmaps/. Default:
+      <workdir>/<category>/predictions.
+    category: required when the workdir contains several categories.
+
+  Returns:
+    The summary of what was scored and written, which is also printed.
+
+  Raises:
+    ValueError: for each invalid input, with the fix, including an existing
+      predictions.csv in the output folder, which is never replaced.
+  """
+  category = select_category(workdir, category)
+  category_dir = os.path.join(workdir, category)
+  config = load_saved_config(category_dir)
+  record = threshold_lib.load(category_dir)
+  _require_checkpoint(category_dir)
+
+  if output_dir is None:
+    output_dir = os.path.join(category_dir, PREDICTIONS_DIR)
+  csv_path = os.path.join(output_dir, predict_lib.CSV_NAME)
+  if os.path.exists(csv_path):
+    raise ValueError(
+        f"{csv_path} already exists and is kept. Pass another folder with "
+        "--output, or move that file away.")
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise ValueError(
+        f"The output {output_dir!r} is a file. Pass a folder with --output.")
+
+  paths = predict_lib.find_images(images)
+  predict_lib.check_images(paths)
+  logging.info("Scoring %d images with category %s of %s.", len(paths),
+               category, workdir)
+  params = _restore_for_evaluation(config, category_dir)
+  summary = predict_lib.write_predictions(
+      config, params, paths, record, output_dir)
+  print(summary.describe())
+  return summary

@@ -217,6 +217,61 @@ def save_panel(
   return path
 
 
+def resize_heatmap(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
+  """Resize a float [h, w] heat map to float32 [height, width], bilinear.
+
+  Pillow's bilinear filter on 32-bit float pixels is used, which averages
+  over more pixels when shrinking, as the image resize of the input pipeline
+  does. Non-square targets stretch the heat map, which undoes the square
+  resize of a non-square input.
+  """
+  heatmap = np.asarray(heatmap, dtype=np.float32)
+  if heatmap.ndim != 2:
+    raise ValueError(f"heatmap must have shape [H, W], got {heatmap.shape}.")
+  if width < 1 or height < 1:
+    raise ValueError(f"width and height must be >= 1, got {width}x{height}.")
+  if heatmap.shape == (height, width):
+    return heatmap
+
+  resized = Image.fromarray(heatmap, "F").resize(
+      (width, height), Image.Resampling.BILINEAR
+  )
+  return np.asarray(resized, dtype=np.float32)
+
+
+def save_overlay(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    vmin: float,
+    vmax: float,
+) -> pathlib.Path:
+  """Write the heat-map overlay of an image as a PNG of the image's size.
+
+  The heat map is resized to the image with `resize_heatmap`, then blended
+  with `heatmap_overlay`. Parent folders are created, and an existing file is
+  replaced only once the new PNG is complete.
+
+  Args:
+    path: output file, conventionally ending in ".png".
+    image: uint8 [H, W, 3] RGB image, or [H, W] grayscale, at its own size.
+    heatmap: float [h, w] anomaly scores at any resolution.
+    vmin: score mapped to the lowest color.
+    vmax: score mapped to the highest color, greater than vmin.
+
+  Returns:
+    The path written.
+  """
+  rgb_image = _as_rgb(image)
+  height, width = rgb_image.shape[:2]
+  overlay = heatmap_overlay(
+      rgb_image, resize_heatmap(heatmap, width, height), vmin, vmax
+  )
+  path = pathlib.Path(path)
+  _write_png_atomically(Image.fromarray(overlay), path)
+  return path
+
+
 def panel_file_name(file_name: str) -> str:
   """Turn a data-set file name into a flat panel name.
 
@@ -245,12 +300,15 @@ def save_panels(
     scores: np.ndarray | Sequence[float] | None,
     vmin: float,
     vmax: float,
+    threshold: float | None = None,
 ) -> list[pathlib.Path]:
   """Write one panel per test image into `output_dir`.
 
   Each panel is titled with its file name and, when `scores` is given, its
-  image score. Panel names come from `panel_file_name`. Two file names that
-  map to the same panel name raise ValueError before anything is written.
+  image score, followed by "anomalous" (score >= `threshold`) or "normal"
+  when `threshold` is given too. Panel names come from `panel_file_name`.
+  Two file names that map to the same panel name raise ValueError before
+  anything is written.
 
   Args:
     output_dir: folder for the PNGs, created if missing.
@@ -261,6 +319,8 @@ def save_panels(
     scores: N image anomaly scores, or None to leave them out of the titles.
     vmin: score mapped to the lowest color, shared by all panels.
     vmax: score mapped to the highest color, shared by all panels.
+    threshold: image score from which an image counts as anomalous, or None
+      to leave the verdict out of the titles.
 
   Returns:
     The N paths written, in input order.
@@ -292,7 +352,11 @@ def save_panels(
   for index in range(count):
     title = file_names[index]
     if scores is not None:
-      title = f"{title}  score {float(scores[index]):.4g}"
+      score = float(scores[index])
+      title = f"{title}  score {score:.4g}"
+      if threshold is not None:
+        verdict = "anomalous" if score >= threshold else "normal"
+        title = f"{title}  {verdict}"
 
     paths.append(
         save_panel(

@@ -1,11 +1,13 @@
 """Tests of panel selection and of scoring a whole test split."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import demo
 from sprs_jax import evaluate
+from sprs_jax import input_pipeline
 from sprs_jax import model as model_lib
 from sprs_jax import train
 
@@ -142,3 +144,22 @@ def test_score_split_rejects_uneven_batch(params):
   assert jax.local_device_count() == 2, "conftest forces 2 host devices"
   with pytest.raises(ValueError, match="eval.batch_size=3"):
     evaluate.score_split(_tiny_config(batch_size=3), params, _fake_source())
+
+
+def test_device_scorer_matches_score_split(params, reference):
+  config = _tiny_config()
+  source = _fake_source()[:4]
+  images = np.stack([
+      input_pipeline.preprocess_image(example["image"], 16)
+      for example in source])
+  base_key = evaluate.noise_base_key(config.seed)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.arange(4))
+
+  heatmaps, scores = evaluate.make_device_scorer(config, params)(images, keys)
+
+  assert heatmaps.shape == (4, 32, 32)
+  assert scores.shape == (4,)
+  np.testing.assert_allclose(heatmaps, reference["heatmaps"][:4],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scores, reference["scores"][:4],
+                             rtol=1e-5, atol=1e-6)

@@ -316,3 +316,81 @@ def test_save_panels_rejects_length_mismatch(tmp_path):
         tmp_path, [image] * 2, [mask] * 2, [heatmap] * 2,
         ["a.png", "b.png"], [0.5], 0.0, 1.0,
     )
+
+
+def test_save_panels_titles_with_verdict(tmp_path, monkeypatch):
+  image, mask, heatmap = _sample()
+  titles = []
+
+  def record_title(path, *args, title=None):
+    titles.append(title)
+    return path
+
+  monkeypatch.setattr(visualize, "save_panel", record_title)
+  visualize.save_panels(
+      tmp_path, [image] * 3, [mask] * 3, [heatmap] * 3,
+      ["a.png", "b.png", "c.png"], [0.25, 0.5, 0.75], 0.0, 1.0,
+      threshold=0.5,
+  )
+
+  assert titles == [
+      "a.png  score 0.25  normal",
+      "b.png  score 0.5  anomalous",
+      "c.png  score 0.75  anomalous",
+  ]
+
+
+# resize_heatmap and save_overlay
+
+
+def test_resize_heatmap_to_non_square():
+  heatmap = np.arange(64, dtype=np.float32).reshape(8, 8)
+
+  resized = visualize.resize_heatmap(heatmap, width=40, height=24)
+
+  assert resized.shape == (24, 40)
+  assert resized.dtype == np.float32
+  assert resized.min() >= heatmap.min()
+  assert resized.max() <= heatmap.max()
+  # Values grow along both axes, as in the input.
+  assert (np.diff(resized, axis=1) >= 0).all()
+  assert (np.diff(resized, axis=0) >= 0).all()
+
+
+def test_resize_heatmap_same_size_unchanged():
+  heatmap = np.random.default_rng(0).random((6, 9)).astype(np.float32)
+
+  np.testing.assert_array_equal(
+      visualize.resize_heatmap(heatmap, width=9, height=6), heatmap
+  )
+
+
+def test_resize_heatmap_rejects_bad_shape():
+  with pytest.raises(ValueError, match=r"\[H, W\]"):
+    visualize.resize_heatmap(np.zeros((2, 3, 4)), width=3, height=2)
+
+
+def test_save_overlay_keeps_image_size(tmp_path):
+  image, _, _ = _sample()
+  heatmap = np.full((32, 32), 0.5, np.float32)
+
+  path = visualize.save_overlay(
+      tmp_path / "out" / "overlay.png", image, heatmap, 0.0, 1.0
+  )
+
+  overlay = _read_png(path)
+  assert overlay.shape == (HEIGHT, WIDTH, 3)
+  expected = visualize.heatmap_overlay(
+      image, np.full((HEIGHT, WIDTH), 0.5, np.float32), 0.0, 1.0
+  )
+  np.testing.assert_array_equal(overlay, expected)
+
+
+def test_save_overlay_grayscale_image(tmp_path):
+  gray = np.zeros((HEIGHT, WIDTH), np.uint8)
+
+  path = visualize.save_overlay(
+      tmp_path / "gray.png", gray, np.ones((4, 4), np.float32), 0.0, 1.0
+  )
+
+  assert _read_png(path).shape == (HEIGHT, WIDTH, 3)

@@ -36,7 +36,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MULTICHANNEL_COLOR_TYPES = (2, 4, 6)
 
 # Errors Pillow raises on files that are missing, unreadable or not images.
-_PIL_READ_ERRORS = (
+PIL_READ_ERRORS = (
     OSError, SyntaxError, ValueError, Image.DecompressionBombError
 )
 
@@ -204,7 +204,7 @@ def read_image_size(path: epath.Path, guide: LayoutGuide) -> tuple[int, int]:
   try:
     with path.open("rb") as file, Image.open(file) as image:
       return image.size
-  except _PIL_READ_ERRORS as error:
+  except PIL_READ_ERRORS as error:
     raise guide.error(
         f"Failed to read image {path}: {error}. Replace the file with an "
         "intact copy or delete it."
@@ -232,7 +232,11 @@ def load_rgb_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
   Raises:
     DatasetLayoutError: naming `path` if the file cannot be decoded.
   """
-  image = _load_image(path, guide)
+  return convert_to_rgb(_load_image(path, guide))
+
+
+def convert_to_rgb(image: Image.Image) -> Image.Image:
+  """Converts a decoded image to 8-bit RGB as `load_rgb_image` describes."""
   if image.mode in ("I", "I;16", "I;16B", "I;16L"):
     # 16-bit gray: keep the 8 most significant bits, since convert("RGB")
     # would clip every value above 255.
@@ -325,7 +329,7 @@ def _opens_as_image(path: epath.Path) -> bool:
   try:
     with path.open("rb") as file, Image.open(file):
       return True
-  except _PIL_READ_ERRORS:
+  except PIL_READ_ERRORS:
     return False
 
 
@@ -335,7 +339,7 @@ def _load_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
     with path.open("rb") as file, Image.open(file) as image:
       image.load()
       return image.copy()
-  except _PIL_READ_ERRORS as error:
+  except PIL_READ_ERRORS as error:
     raise guide.error(
         f"Failed to decode image {path}: {error}. Replace the file with an "
         "intact copy or delete it."
