@@ -47,12 +47,43 @@ class Checkpointer:
     template = {"state": state_template,
                 "rng": np.asarray(jax.random.key_data(rng_template))}
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    restored = self._manager.restore(
-        step, args=ocp.args.StandardRestore(abstract))
+    path = os.path.join(self.directory, str(step))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as error:
+      # Orbax reports a tree mismatch with internal names only.
+      raise _mismatch_error(
+          path, f"{type(error).__name__}: {str(error)[:300]}") from error
+    _check_shapes(restored["state"], state_template, path)
     rng = jax.random.wrap_key_data(np.asarray(restored["rng"]))
-    logging.info("Restored checkpoint at step %d from %s", step,
-                 os.path.join(self.directory, str(step)))
+    logging.info("Restored checkpoint at step %d from %s", step, path)
     return restored["state"], rng
 
   def close(self):
     self._manager.close()
+
+
+def _mismatch_error(path: str, detail: str) -> ValueError:
+  return ValueError(
+      f"The checkpoint {path} does not fit the model of this config "
+      f"({detail}). It was trained with other model or data.image_size "
+      "fields: pass the config it was trained with, or another --workdir.")
+
+
+def _check_shapes(restored, template, path: str) -> None:
+  """Raises ValueError at the first leaf whose shape differs from template.
+
+  Orbax restores the saved shapes even when the target asks for others.
+  """
+  restored_leaves = jax.tree_util.tree_leaves_with_path(restored)
+  template_leaves = jax.tree_util.tree_leaves(template)
+  if len(restored_leaves) != len(template_leaves):
+    raise _mismatch_error(
+        path, f"{len(restored_leaves)} arrays saved, {len(template_leaves)} "
+        "expected")
+  for (key_path, saved), expected in zip(restored_leaves, template_leaves):
+    if np.shape(saved) != np.shape(expected):
+      raise _mismatch_error(
+          path, f"{jax.tree_util.keystr(key_path)} has shape "
+          f"{np.shape(saved)}, the config gives {np.shape(expected)}")

@@ -191,7 +191,22 @@ def _restore_for_evaluation(config, category_dir: str):
     state, _ = checkpointer.restore(template, rng)
   finally:
     checkpointer.close()
+  _warn_if_unfinished(category_dir, int(state.step))
   return state.ema_params
+
+
+def _warn_if_unfinished(category_dir: str, step: int) -> None:
+  """Logs a warning if train_stats.json says training stopped early."""
+  stats_path = os.path.join(category_dir, "train_stats.json")
+  if not os.path.exists(stats_path):
+    return
+  with open(stats_path) as f:
+    total_steps = json.load(f).get("total_steps")
+  if total_steps is not None and step < total_steps:
+    logging.warning(
+        "Evaluating the checkpoint at step %d of %d: training of %s did not "
+        "finish. Rerun with --mode=train_and_evaluate and the same --workdir "
+        "to finish it first.", step, total_steps, category_dir)
 
 
 def run_category(config, workdir: str, mode: str) -> dict | None:

@@ -159,8 +159,8 @@ def train(config, category_dir: str, train_loader) -> TrainState:
   Checkpoints go to ``<category_dir>/checkpoints`` every
   ``training.checkpoint_every_steps`` steps and at the end. A run restarted
   with the same config continues from the latest one, with the same data
-  order and noise. Wall time and throughput are written to
-  ``<category_dir>/train_stats.json``.
+  order and noise. Wall time, throughput and the step reached are written to
+  ``<category_dir>/train_stats.json`` with every checkpoint.
   """
   training = config.training
   steps_per_epoch = train_loader.steps_per_epoch
@@ -241,27 +241,49 @@ def train(config, category_dir: str, train_loader) -> TrainState:
             metrics["learning_rate"], images_per_second, _format_seconds(eta))
       if step % training.checkpoint_every_steps == 0 and step < total_steps:
         checkpointer.save(unreplicate(state), train_rng)
+        # The stats match the checkpoint, so a killed run resumes both.
+        write_json_atomically(stats_path, _updated_stats(
+            stats, step, total_steps, global_batch, start_step, run_start,
+            timer_start, timer_step))
 
   jax.block_until_ready(state)
-  run_end = time.perf_counter()
   state = unreplicate(state)
   checkpointer.save(state, train_rng)
   checkpointer.close()
 
-  stats["train_seconds"] += run_end - run_start
-  stats["train_images"] += (step - start_step) * global_batch
-  if timer_start is not None and step > timer_step:
-    stats["timed_seconds"] += run_end - timer_start
-    stats["timed_images"] = stats.get("timed_images", 0) + (
-        step - timer_step) * global_batch
-  timed_images = stats.get("timed_images", 0)
-  stats["train_images_per_second"] = (
-      timed_images / stats["timed_seconds"] if stats["timed_seconds"] else 0.0)
+  stats = _updated_stats(stats, step, total_steps, global_batch, start_step,
+                         run_start, timer_start, timer_step)
   write_json_atomically(stats_path, stats)
   logging.info("Training took %s (%.1f images/s after compilation).",
                _format_seconds(stats["train_seconds"]),
                stats["train_images_per_second"])
   return state
+
+
+def _updated_stats(stats, step, total_steps, global_batch, start_step,
+                   run_start, timer_start, timer_step) -> dict:
+  """Returns `stats` of earlier runs plus this run's time up to now.
+
+  Keys: train_seconds (wall time, compilation included), train_images,
+  timed_seconds and timed_images (after the first step's compilation),
+  train_images_per_second, step and total_steps.
+  """
+  now = time.perf_counter()
+  updated = dict(stats)
+  updated["train_seconds"] = stats["train_seconds"] + now - run_start
+  updated["train_images"] = stats["train_images"] + (
+      step - start_step) * global_batch
+  if timer_start is not None and step > timer_step:
+    updated["timed_seconds"] = stats["timed_seconds"] + now - timer_start
+    updated["timed_images"] = stats.get("timed_images", 0) + (
+        step - timer_step) * global_batch
+  timed_images = updated.get("timed_images", 0)
+  updated["train_images_per_second"] = (
+      timed_images / updated["timed_seconds"]
+      if updated["timed_seconds"] else 0.0)
+  updated["step"] = step
+  updated["total_steps"] = total_steps
+  return updated
 
 
 def write_json_atomically(path: str, payload) -> None:

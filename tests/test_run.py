@@ -223,10 +223,30 @@ def test_metrics_merge_keeps_other_category(cli_workdir):
   assert f"| **{mean_auroc:.4f}** |" in mean_rows[0]
 
 
-def test_resume_matches_uninterrupted(cli_workdir, data_dir, tmp_path, caplog):
+def test_resume_matches_uninterrupted(cli_workdir, data_dir, tmp_path, caplog,
+                                     monkeypatch):
   config = _config(data_dir, **{"training.num_epochs": 2})
   uninterrupted = tmp_path / "uninterrupted"
-  run_lib.run(config, str(uninterrupted), "train")
+  written_stats = []
+  write_json_atomically = train.write_json_atomically
+
+  def record_json(path, payload):
+    if os.path.basename(path) == "train_stats.json":
+      written_stats.append(dict(payload))
+    write_json_atomically(path, payload)
+
+  monkeypatch.setattr(train, "write_json_atomically", record_json)
+  config_with_saves = _config(data_dir, **{
+      "training.num_epochs": 2,
+      "training.checkpoint_every_steps": STEPS_PER_EPOCH})
+  run_lib.run(config_with_saves, str(uninterrupted), "train")
+  monkeypatch.undo()
+
+  # The stats are written with the checkpoint in the middle and at the end.
+  assert [(s["step"], s["total_steps"]) for s in written_stats] == [
+      (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH),
+      (2 * STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)]
+  assert written_stats[0]["train_images"] == STEPS_PER_EPOCH * 8
 
   # The run.py workdir contains the first epoch, so this run adds the second.
   resumed = _copy_workdir(cli_workdir, tmp_path, "resumed")
@@ -274,6 +294,31 @@ def test_evaluate_mode_without_checkpoint(data_dir, tmp_path):
   message = str(error.value)
   assert str(workdir / CATEGORY / "checkpoints") in message
   assert "--mode=" in message
+
+
+def test_other_widths_without_saved_config(cli_workdir, data_dir, tmp_path):
+  workdir = _copy_workdir(cli_workdir, tmp_path, "workdir")
+  (workdir / CATEGORY / "config.json").unlink()
+  before = _snapshot(workdir)
+  config = _config(data_dir, **{"model.widths": (8, 16, 32)})
+
+  with pytest.raises(ValueError, match="does not fit the model") as error:
+    run_lib.run(config, str(workdir), "evaluate")
+
+  assert str(workdir / CATEGORY / "checkpoints") in str(error.value)
+  assert _snapshot(workdir) == before
+
+
+def test_unfinished_training_warns(tmp_path, caplog):
+  (tmp_path / "train_stats.json").write_text(
+      json.dumps({"step": 20, "total_steps": 40}))
+  caplog.set_level(logging.WARNING, logger="absl")
+
+  run_lib._warn_if_unfinished(str(tmp_path), 40)
+  assert "did not finish" not in caplog.text
+  run_lib._warn_if_unfinished(str(tmp_path), 20)
+  assert "step 20 of 40" in caplog.text
+  assert "did not finish" in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["train", "evaluate"])
