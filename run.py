@@ -99,12 +99,13 @@ def main(argv):
   try:
     _check_flags(mode)
     if mode == run_lib.PREDICT_MODE:
-      run_lib.predict(_WORKDIR.value, _IMAGES.value, _OUTPUT.value,
-                      _CATEGORY.value)
+      output = _OUTPUT.value and os.path.expanduser(_OUTPUT.value)
+      run_lib.predict(os.path.expanduser(_WORKDIR.value), _IMAGES.value,
+                      output, _CATEGORY.value)
     else:
       config = _CONFIG.value
       workdir = _WORKDIR.value or os.path.join("workdirs", config.data.name)
-      run_lib.run(config, workdir, mode)
+      run_lib.run(config, os.path.expanduser(workdir), mode)
   except (ValueError, OSError, FloatingPointError) as error:
     # User errors (bad data, config or workdir) end with their message alone;
     # the traceback stays available at --verbosity=1.

@@ -2,6 +2,7 @@
 
 import os
 import time
+import zlib
 
 import flax
 import jax
@@ -20,9 +21,9 @@ from sprs_jax import visualize
 def score_split(config, params, source):
   """Scores every example of ``source`` with the given (EMA) params.
 
-  The batch is split over all local devices. Image i's noise comes from
-  fold_in(PRNGKey(seed), i), so the output depends on the seed but not on the
-  batch size or the device count.
+  The batch is split over all local devices. Each image's noise comes from
+  `image_noise_keys`, so the output depends on the seed and the pixels but not
+  on the batch size, the device count or the order of the images.
 
   Returns:
     A dict of NumPy arrays in source order: ``heatmaps`` float32 [N, S, S],
@@ -37,7 +38,6 @@ def score_split(config, params, source):
         f"eval.batch_size={eval_config.batch_size} must be divisible by the "
         f"{num_devices} local devices.")
   score_batch = make_device_scorer(config, params)
-  base_key = noise_base_key(config.seed)
 
   outputs = {key: [] for key in ("heatmaps", "scores", "masks", "labels",
                                  "display", "file_names", "defect_types")}
@@ -46,9 +46,8 @@ def score_split(config, params, source):
   for batch in input_pipeline.eval_batches(
       source, config.data.image_size, eval_config.heatmap_size,
       eval_config.batch_size):
-    size = len(batch["valid"])
-    indices = jnp.arange(first_index, first_index + size)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
+    pixels = np.rint((batch["image"] + 1.0) * 127.5).astype(np.uint8)
+    keys = image_noise_keys(config.seed, pixels)
     heatmaps, scores = score_batch(batch["image"], keys)
     valid = np.asarray(batch["valid"])
     outputs["heatmaps"].append(heatmaps[valid])
@@ -69,9 +68,19 @@ def score_split(config, params, source):
   return outputs
 
 
-def noise_base_key(seed: int):
-  """Returns the key from which every scored image's noise key is folded."""
-  return jax.random.fold_in(jax.random.key(seed), 0x5C0E)
+def image_noise_keys(seed: int, images_uint8: np.ndarray):
+  """Returns one PRNG key per image, folded from the CRC-32 of its pixels.
+
+  ``images_uint8`` is uint8 [B, S, S, 3], the model input before it is mapped
+  to [-1, 1]. Evaluation and the predict mode both draw the noise of an image
+  from this key, so the same photo gets the same score in both.
+  """
+  base_key = jax.random.fold_in(jax.random.key(seed), 0x5C0E)
+  checksums = np.array(
+      [zlib.crc32(np.ascontiguousarray(image).tobytes())
+       for image in images_uint8], np.uint32)
+  return jax.vmap(lambda data: jax.random.fold_in(base_key, data))(
+      jnp.asarray(checksums))
 
 
 def make_device_scorer(config, params):
@@ -117,11 +126,13 @@ def select_panel_indices(defect_types, num_panels: int) -> list[int]:
   return sorted(chosen)
 
 
-def evaluate(config, category_dir: str, params, source) -> dict:
+def evaluate(config, category_dir: str, params, source,
+             checkpoint_step: int) -> dict:
   """Scores the test split, computes the metrics and writes the outputs.
 
   The F1-max threshold goes to ``<category_dir>/threshold.json`` (see
-  ``sprs_jax.threshold``), for the predict mode. Panels go to
+  ``sprs_jax.threshold``) with ``checkpoint_step``, the training step of
+  ``params``, for the predict mode. Panels go to
   ``<category_dir>/panels``. They share one colour scale (the heat maps' min
   and max over the split) so they can be compared, and their titles give
   each image's verdict at that threshold.
@@ -136,7 +147,7 @@ def evaluate(config, category_dir: str, params, source) -> dict:
   results["num_test_images"] = int(len(outputs["labels"]))
   record = threshold_lib.make_record(
       results["f1_threshold"], results["f1_max"], outputs["labels"],
-      outputs["scores"], outputs["heatmaps"])
+      outputs["scores"], outputs["heatmaps"], config, checkpoint_step)
   threshold_path = threshold_lib.save(category_dir, record)
   logging.info("Wrote the decision threshold %.6g (F1-max %.4f) to %s",
                record["threshold"], record["f1_max"], threshold_path)

@@ -9,8 +9,8 @@ Its heat map is resized back to the photo's own width and height for the
 overlay.
 
 The noise that perturbs a photo comes from a key folded from the CRC-32 of its
-resized pixels, so a photo gets the same score whichever other photos are
-scored with it.
+resized pixels (`evaluate.image_noise_keys`), so a photo gets the same score
+whichever other photos are scored with it, and the same as in evaluation.
 """
 
 import csv
@@ -22,10 +22,8 @@ import os
 import pathlib
 import time
 import uuid
-import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -96,7 +94,8 @@ def find_images(pattern: str) -> list[str]:
     * a glob pattern, where "**" matches any depth of folders, whose matching
       files with such an extension are returned.
   From folders and globs, hidden files (names starting with "."), OS metadata
-  files (Thumbs.db, desktop.ini) and files under __MACOSX/ are skipped.
+  files (Thumbs.db, desktop.ini) and files under __MACOSX/ are skipped, and a
+  file reached by several paths (through links) is returned once.
 
   Raises:
     ValueError: naming `pattern` when it matches no image.
@@ -116,14 +115,25 @@ def find_images(pattern: str) -> list[str]:
         f"No images match {pattern!r} because no such file or folder exists. "
         "Pass an image file, a folder or a quoted glob pattern with --images.")
 
-  paths = sorted(
-      path for path in candidates
-      if os.path.isfile(path) and _has_image_extension(path)
-      and not _is_skipped(path))
+  paths = []
+  real_paths = set()
+  for path in sorted(candidates):
+    if (not os.path.isfile(path) or not _has_image_extension(path)
+        or _is_skipped(path)):
+      continue
+    # A file reached twice, through a folder link for example, counts once.
+    real_path = os.path.realpath(path)
+    if real_path not in real_paths:
+      real_paths.add(real_path)
+      paths.append(path)
   if not paths:
+    hint = ""
+    if "[" in expanded:
+      hint = (" In a glob pattern, [...] matches one character of a set: "
+              "write a literal [ as [[].")
     raise ValueError(
         f"No images match {where}. Only visible files with the extension "
-        f"{', '.join(IMAGE_EXTENSIONS)} (any letter case) count.")
+        f"{', '.join(IMAGE_EXTENSIONS)} (any letter case) count.{hint}")
   return paths
 
 
@@ -192,15 +202,6 @@ def overlay_file_names(paths: list[str]) -> list[str]:
   return names
 
 
-def _content_keys(base_key, images_uint8: np.ndarray):
-  """Returns one PRNG key per image, folded from the CRC-32 of its pixels."""
-  checksums = np.array(
-      [zlib.crc32(np.ascontiguousarray(image).tobytes())
-       for image in images_uint8], np.uint32)
-  return jax.vmap(lambda data: jax.random.fold_in(base_key, data))(
-      jnp.asarray(checksums))
-
-
 def _write_csv_atomically(path: str, rows: list[dict]) -> None:
   """Writes the rows to a temporary file, then renames it to `path`.
 
@@ -252,7 +253,6 @@ def write_predictions(config, params, paths: list[str], record: dict,
   num_devices = jax.local_device_count()
   batch_size = math.ceil(config.eval.batch_size / num_devices) * num_devices
   score_batch = evaluate_lib.make_device_scorer(config, params)
-  base_key = evaluate_lib.noise_base_key(config.seed)
   image_size = config.data.image_size
 
   rows = []
@@ -267,7 +267,7 @@ def write_predictions(config, params, paths: list[str], record: dict,
 
     heatmaps, scores = score_batch(
         input_pipeline.to_model_range(resized),
-        _content_keys(base_key, resized))
+        evaluate_lib.image_noise_keys(config.seed, resized))
     normalized = threshold_lib.normalize(
         scores[:len(photos)], threshold, record["score_min"],
         record["score_max"])

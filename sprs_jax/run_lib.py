@@ -39,7 +39,7 @@ ALL_CATEGORIES = "all"
 # params compute. A workdir trained with other values cannot be resumed or
 # evaluated with these.
 _SHAPE_FIELDS = ("model.widths", "model.num_groups", "model.embed_dim",
-                 "sde.sigma_max")
+                 "sde.sigma_max", "data.image_size")
 
 METRIC_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -178,7 +178,7 @@ def _require_checkpoint(category_dir: str) -> None:
 
 
 def _restore_for_evaluation(config, category_dir: str):
-  """Returns the EMA params of the latest checkpoint in category_dir."""
+  """Returns (EMA params, step) of the latest checkpoint in category_dir."""
   _require_checkpoint(category_dir)
   checkpointer = checkpoint.Checkpointer(_checkpoint_dir(category_dir))
   try:
@@ -192,7 +192,7 @@ def _restore_for_evaluation(config, category_dir: str):
   finally:
     checkpointer.close()
   _warn_if_unfinished(category_dir, int(state.step))
-  return state.ema_params
+  return state.ema_params, int(state.step)
 
 
 def _warn_if_unfinished(category_dir: str, step: int) -> None:
@@ -237,15 +237,15 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
     logging.info("Loaded %d training images of %s.", train_loader.num_examples,
                  category)
     state = train_lib.train(config, category_dir, train_loader)
-    params = state.ema_params
+    params, step = state.ema_params, int(state.step)
   if mode == "train":
     return None
   if params is None:
-    params = _restore_for_evaluation(config, category_dir)
+    params, step = _restore_for_evaluation(config, category_dir)
 
   results = evaluate_lib.evaluate(
       config, category_dir, params,
-      input_pipeline.load_split(config.data, "test"))
+      input_pipeline.load_split(config.data, "test"), step)
   stats_path = os.path.join(category_dir, "train_stats.json")
   if os.path.exists(stats_path):
     with open(stats_path) as f:
@@ -293,14 +293,22 @@ def run(config, workdir: str, mode: str) -> dict:
         f"--mode={mode!r} is not one of {', '.join(CONFIG_MODES)}.")
   validate_config(config)
   categories = resolve_categories(config.data)
+  created_workdir = not os.path.exists(workdir)
   _check_workdir(workdir)
-  # Every category's data is checked (and built) before any training starts,
-  # so a broken folder stops an "all" run at once, not hours in.
-  for category in categories:
-    category_data = ml_collections.ConfigDict(config.data.to_dict())
-    category_data.category = category
-    input_pipeline.prepare(category_data)
   metrics_path = os.path.join(workdir, "metrics.json")
+  try:
+    _read_metrics(metrics_path)
+    # Every category's data is checked (and built) before any training
+    # starts, so a broken folder stops an "all" run at once, not hours in.
+    for category in categories:
+      category_data = ml_collections.ConfigDict(config.data.to_dict())
+      category_data.category = category
+      input_pipeline.prepare(category_data)
+  except Exception:
+    # A workdir made by this call and still empty is removed again.
+    if created_workdir and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
 
   results = {}
   for category in categories:
@@ -311,10 +319,7 @@ def run(config, workdir: str, mode: str) -> dict:
       continue
     results[category] = category_results
 
-    all_metrics = {}
-    if os.path.exists(metrics_path):
-      with open(metrics_path) as f:
-        all_metrics = json.load(f)
+    all_metrics = _read_metrics(metrics_path)
     all_metrics[category] = category_results
     train_lib.write_json_atomically(metrics_path, all_metrics)
     with open(os.path.join(workdir, "results.md"), "w") as f:
@@ -327,6 +332,28 @@ def run(config, workdir: str, mode: str) -> dict:
     logging.info("Wrote %s and %s", metrics_path,
                  os.path.join(workdir, "results.md"))
   return results
+
+
+def _read_metrics(path: str) -> dict:
+  """Returns the metrics.json at path ({} if missing).
+
+  Raises:
+    ValueError: naming the file if it is not a JSON object.
+  """
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      metrics = json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise ValueError(
+        f"Failed to read {path}: {error}. Repair or move away this file, "
+        "whose results are merged with the new ones.") from error
+  if not isinstance(metrics, dict):
+    raise ValueError(
+        f"{path} holds a {type(metrics).__name__}, expected a JSON object "
+        "{category: metrics}. Repair or move away this file.")
+  return metrics
 
 
 def trained_categories(workdir: str) -> list[str]:
@@ -381,6 +408,21 @@ def load_saved_config(category_dir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(saved)
 
 
+def _check_output_dir(output_dir: str) -> None:
+  """Creates output_dir/heatmaps and checks that files can be written there."""
+  try:
+    os.makedirs(os.path.join(output_dir, predict_lib.HEATMAP_DIR),
+                exist_ok=True)
+    probe = os.path.join(output_dir, f".write_check_{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.unlink(probe)
+  except OSError as error:
+    raise ValueError(
+        f"Cannot write to the output folder {output_dir!r}: {error}. Pass a "
+        "writable folder with --output.") from error
+
+
 def predict(workdir: str, images: str, output_dir: str | None = None,
             category: str | None = None) -> predict_lib.Summary:
   """Scores the photos that `images` names with a trained category.
@@ -408,6 +450,8 @@ def predict(workdir: str, images: str, output_dir: str | None = None,
   category_dir = os.path.join(workdir, category)
   config = load_saved_config(category_dir)
   record = threshold_lib.load(category_dir)
+  # Photos are scored with the settings the threshold was chosen with.
+  config.update_from_flattened_dict(record["scoring"])
   _require_checkpoint(category_dir)
 
   if output_dir is None:
@@ -423,9 +467,16 @@ def predict(workdir: str, images: str, output_dir: str | None = None,
 
   paths = predict_lib.find_images(images)
   predict_lib.check_images(paths)
+  params, step = _restore_for_evaluation(config, category_dir)
+  if step != record["checkpoint_step"]:
+    raise ValueError(
+        f"The threshold in {category_dir} was chosen for the checkpoint at "
+        f"step {record['checkpoint_step']}, but the latest checkpoint is at "
+        f"step {step}. Run --mode=evaluate with the category's --config and "
+        "this --workdir to choose it again.")
+  _check_output_dir(output_dir)
   logging.info("Scoring %d images with category %s of %s.", len(paths),
                category, workdir)
-  params = _restore_for_evaluation(config, category_dir)
   summary = predict_lib.write_predictions(
       config, params, paths, record, output_dir)
   print(summary.describe())

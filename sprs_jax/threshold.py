@@ -11,7 +11,9 @@ as `normalize` of anomalib's min-max normalization module does::
 so the threshold maps to 0.5, higher scores to more than 0.5, and the map is
 monotone. ``heatmap_min`` and ``heatmap_max`` are the test split's heat-map
 pixel range, the colour scale of the evaluation panels and of the overlays of
-the predict mode.
+the predict mode. ``checkpoint_step`` and ``scoring`` (the config fields that
+change image scores) say which model and settings the threshold belongs to,
+so the predict mode scores photos exactly as evaluation scored the test split.
 """
 
 import json
@@ -26,10 +28,25 @@ FILE_NAME = "threshold.json"
 METHOD = "f1_max"
 _FLOAT_FIELDS = ("threshold", "score_min", "score_max", "heatmap_min",
                  "heatmap_max")
+# Config fields that change image scores, stored in the record's "scoring".
+SCORING_FIELDS = ("seed", "data.image_size", "eval.noise_levels",
+                  "eval.num_draws", "eval.heatmap_size", "eval.filter_size")
+
+
+def scoring_fields(config) -> dict:
+  """Returns {dotted field: value} of SCORING_FIELDS in config (JSON types)."""
+  fields = {}
+  for dotted in SCORING_FIELDS:
+    value = config
+    for part in dotted.split("."):
+      value = value[part]
+    fields[dotted] = list(value) if isinstance(value, (tuple, list)) else value
+  return fields
 
 
 def make_record(threshold: float, f1: float, labels: np.ndarray,
-                scores: np.ndarray, heatmaps: np.ndarray) -> dict:
+                scores: np.ndarray, heatmaps: np.ndarray, config,
+                checkpoint_step: int) -> dict:
   """Returns the threshold.json content of one evaluated test split.
 
   Args:
@@ -38,9 +55,13 @@ def make_record(threshold: float, f1: float, labels: np.ndarray,
     labels: [N] image labels of the test split, 0 normal and 1 anomalous.
     scores: [N] image scores of the test split.
     heatmaps: [N, H, W] heat maps of the test split.
+    config: the config the test split was scored with.
+    checkpoint_step: training step of the scored params.
   """
   labels = np.asarray(labels)
   return {
+      "checkpoint_step": int(checkpoint_step),
+      "scoring": scoring_fields(config),
       "threshold": float(threshold),
       "method": METHOD,
       "rule": "anomalous when image score >= threshold",
@@ -87,6 +108,13 @@ def load(category_dir: str) -> dict:
     if not is_number or not math.isfinite(value):
       raise ValueError(
           f"{path} has no finite number in field {field!r}. {rerun}")
+  scoring = record.get("scoring")
+  if (not isinstance(record.get("checkpoint_step"), int)
+      or not isinstance(scoring, dict)
+      or sorted(scoring) != sorted(SCORING_FIELDS)):
+    raise ValueError(
+        f"{path} does not say which checkpoint and scoring fields its "
+        f"threshold belongs to (an older format). {rerun}")
   return record
 
 

@@ -1,7 +1,6 @@
 """Tests of panel selection and of scoring a whole test split."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -135,6 +134,17 @@ def test_score_split_independent_of_batch_size(params, reference):
   assert smaller["file_names"] == reference["file_names"]
 
 
+def test_score_split_independent_of_order(params, reference):
+  reversed_source = _fake_source()[::-1]
+
+  outputs = evaluate.score_split(_tiny_config(), params, reversed_source)
+
+  np.testing.assert_allclose(outputs["scores"], reference["scores"][::-1],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(outputs["heatmaps"], reference["heatmaps"][::-1],
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_score_split_seed_changes_maps(params, reference):
   other = evaluate.score_split(_tiny_config(seed=1), params, _fake_source())
   assert not np.allclose(other["heatmaps"], reference["heatmaps"])
@@ -149,11 +159,10 @@ def test_score_split_rejects_uneven_batch(params):
 def test_device_scorer_matches_score_split(params, reference):
   config = _tiny_config()
   source = _fake_source()[:4]
-  images = np.stack([
-      input_pipeline.preprocess_image(example["image"], 16)
-      for example in source])
-  base_key = evaluate.noise_base_key(config.seed)
-  keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.arange(4))
+  pixels = np.stack([
+      input_pipeline.resize_image(example["image"], 16) for example in source])
+  images = input_pipeline.to_model_range(pixels)
+  keys = evaluate.image_noise_keys(config.seed, pixels)
 
   heatmaps, scores = evaluate.make_device_scorer(config, params)(images, keys)
 

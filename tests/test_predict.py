@@ -171,6 +171,14 @@ def test_evaluate_writes_threshold_file(workdir):
   assert record["score_max"] == record["heatmap_max"]
 
 
+def test_threshold_records_step_and_scoring(workdir):
+  record = _read_json(workdir / CATEGORY / threshold.FILE_NAME)
+  assert record["checkpoint_step"] == 1
+  assert record["scoring"]["eval.filter_size"] == OVERRIDES["eval.filter_size"]
+  assert record["scoring"]["data.image_size"] == OVERRIDES["data.image_size"]
+  assert sorted(record["scoring"]) == sorted(threshold.SCORING_FIELDS)
+
+
 def test_threshold_load_round_trip(workdir):
   loaded = threshold.load(str(workdir / CATEGORY))
   assert loaded == _read_json(workdir / CATEGORY / threshold.FILE_NAME)
@@ -377,7 +385,79 @@ def test_glob_predict_scores_match_folder_run(glob_predict, cli_predict):
                                err_msg=row["path"])
 
 
+def test_predict_scores_like_evaluation(workdir, tmp_path):
+  copy = _copy_workdir(workdir, tmp_path)
+  # Scoring fields come from threshold.json, not from the training config.
+  saved_config = _read_json(copy / CATEGORY / "config.json")
+  saved_config["eval"]["filter_size"] = 3
+  saved_config["eval"]["num_draws"] = 1
+  (copy / CATEGORY / "config.json").write_text(json.dumps(saved_config))
+  test_images = workdir.parent / "manual" / CATEGORY / "test" / "*" / "*.png"
+
+  run_lib.predict(str(copy), str(test_images), str(tmp_path / "out"))
+
+  _, rows = _read_csv(tmp_path / "out" / predict.CSV_NAME)
+  scores = [float(row["score"]) for row in rows]
+  record = _read_json(workdir / CATEGORY / threshold.FILE_NAME)
+  assert len(scores) == record["num_test_images"]
+  assert min(scores) == pytest.approx(record["score_min"], rel=1e-5)
+  assert max(scores) == pytest.approx(record["score_max"], rel=1e-5)
+
+
+def test_find_images_link_counted_once(photos, tmp_path):
+  folder = tmp_path / "photos"
+  shutil.copytree(photos, folder)
+  # A link back to its own parent folder, which a ** glob walks again.
+  (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)
+
+  paths = predict.find_images(str(folder / "**" / "*.png"))
+
+  real_paths = [os.path.realpath(path) for path in paths]
+  assert len(real_paths) == len(set(real_paths))
+  assert len(paths) == 4
+
+
+def test_find_images_bracket_hint(tmp_path):
+  folder = tmp_path / "run[1]"
+  folder.mkdir()
+  Image.new("RGB", (4, 4)).save(folder / "a.png")
+  with pytest.raises(ValueError, match=r"write a literal \[ as \[\[\]"):
+    predict.find_images(str(folder / "*.png"))
+
+
 # Predict errors, raised before anything is scored or written
+
+
+def test_predict_stale_threshold(workdir, photos, tmp_path):
+  copy = _copy_workdir(workdir, tmp_path)
+  path = copy / CATEGORY / threshold.FILE_NAME
+  record = _read_json(path)
+  record["checkpoint_step"] = 0
+  path.write_text(json.dumps(record))
+
+  with pytest.raises(ValueError, match="latest checkpoint is at step 1"):
+    run_lib.predict(str(copy), str(photos), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_predict_old_threshold_format(workdir, photos, tmp_path):
+  copy = _copy_workdir(workdir, tmp_path)
+  path = copy / CATEGORY / threshold.FILE_NAME
+  record = _read_json(path)
+  del record["scoring"]
+  path.write_text(json.dumps(record))
+
+  with pytest.raises(ValueError, match="older format"):
+    run_lib.predict(str(copy), str(photos), str(tmp_path / "out"))
+
+
+def test_predict_output_not_writable(workdir, photos, tmp_path):
+  blocker = tmp_path / "file.txt"
+  blocker.write_text("a file, not a folder\n")
+  output_dir = blocker / "out"
+
+  with pytest.raises(ValueError, match="Cannot write to the output folder"):
+    run_lib.predict(str(workdir), str(photos), str(output_dir))
 
 
 def test_predict_corrupt_images_named(workdir, photos, tmp_path):

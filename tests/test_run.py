@@ -21,6 +21,7 @@ from PIL import Image
 import pytest
 
 from configs import demo
+from configs import mvtec
 from sprs_jax import checkpoint
 from sprs_jax import model as model_lib
 from sprs_jax import run_lib
@@ -307,6 +308,39 @@ def test_other_widths_without_saved_config(cli_workdir, data_dir, tmp_path):
 
   assert str(workdir / CATEGORY / "checkpoints") in str(error.value)
   assert _snapshot(workdir) == before
+
+
+def test_other_image_size_rejected(cli_workdir, data_dir, tmp_path):
+  workdir = _copy_workdir(cli_workdir, tmp_path, "workdir")
+  before = _snapshot(workdir)
+  config = _config(data_dir, **{"data.image_size": 32})
+
+  with pytest.raises(ValueError, match="data.image_size: workdir has 16"):
+    run_lib.run(config, str(workdir), "train")
+  assert _snapshot(workdir) == before
+
+
+def test_corrupt_metrics_file_named(cli_workdir, data_dir, tmp_path):
+  workdir = _copy_workdir(cli_workdir, tmp_path, "workdir")
+  (workdir / "metrics.json").write_text('{"brick": \n')
+  before = _snapshot(workdir)
+
+  with pytest.raises(ValueError, match="Repair or move away") as error:
+    run_lib.run(_config(data_dir), str(workdir), "evaluate")
+
+  assert str(workdir / "metrics.json") in str(error.value)
+  assert _snapshot(workdir) == before
+
+
+def test_failed_data_check_leaves_no_workdir(tmp_path):
+  config = mvtec.get_config("bottle")
+  config.data.manual_dir = str(tmp_path / "missing")
+  config.data.data_dir = str(tmp_path / "tfds")
+  workdir = tmp_path / "new_workdir"
+
+  with pytest.raises(ValueError, match="missing"):
+    run_lib.run(config, str(workdir), "train")
+  assert not workdir.exists()
 
 
 def test_unfinished_training_warns(tmp_path, caplog):
