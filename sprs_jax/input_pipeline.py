@@ -178,14 +178,28 @@ def resize_image(image_uint8: np.ndarray, size: int) -> np.ndarray:
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
   """Resizes a mask [H, W] or [H, W, 1] to uint8 {0, 1} [size, size].
 
-  Nearest-neighbour, so the result stays binary. Any non-zero input pixel
-  counts as anomalous. Non-square masks are resized like their images, with
-  no crop.
+  Any non-zero input pixel counts as anomalous. Each axis is resized on its
+  own, so non-square masks are resized like their images, with no crop:
+
+  * An axis that shrinks is cut into `size` blocks, output pixel i covering
+    input pixels [floor(i * n / size), floor((i + 1) * n / size)) of the n
+    input pixels. An output pixel is anomalous if any input pixel of its
+    block is, so a defect thinner than a block, such as a 1-pixel scratch,
+    still marks at least one output pixel. Marked regions grow to whole
+    blocks, so by less than one block on each side.
+  * An axis that grows or keeps its length uses Pillow's nearest-neighbour
+    resize, which repeats pixels and does not dilate the mask.
   """
   mask = np.asarray(mask)
   if mask.ndim == 3:
     mask = mask[..., 0]
   binary = (mask != 0).astype(np.uint8)
+
+  for axis in (0, 1):
+    length = binary.shape[axis]
+    if length > size:
+      block_starts = np.arange(size) * length // size
+      binary = np.maximum.reduceat(binary, block_starts, axis=axis)
 
   if binary.shape == (size, size):
     return binary
@@ -328,7 +342,7 @@ def eval_batches(
   Yields:
     Dicts with b = batch_size and H = heatmap_size:
       image: float32 [b, S, S, 3] in [-1, 1], S = image_size.
-      mask: uint8 [b, H, H], 1 where anomalous (nearest-neighbour resize).
+      mask: uint8 [b, H, H], 1 where anomalous, resized by `resize_mask`.
       label: int32 [b], 0 normal and 1 anomalous.
       display: uint8 [b, H, H, 3], the photo resized for pictures.
       defect_type, file_name: lists of b str.

@@ -10,6 +10,7 @@ import re
 import struct
 import zlib
 
+from etils import epath
 import numpy as np
 from PIL import Image
 import pytest
@@ -97,6 +98,20 @@ def test_hidden_files_skipped(tree):
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
   (tree.mask_dir() / "._000.png").write_bytes(b"\0\5\x16\7")
+
+  _assert_split_sizes(_build(tree))
+
+
+def test_os_metadata_names_any_case(tree):
+  folders = [
+      tree.category_dir,
+      tree.category_dir / "train" / tree.spec.normal_dir,
+      tree.anomalous_image_path(0).parent,
+      tree.mask_dir(),
+  ]
+  for folder in folders:
+    for name in ("THUMBS.DB", "thumbs.db", "Desktop.ini", "DESKTOP.INI"):
+      (folder / name).write_bytes(b"\xd0\xcf\x11\xe0")
 
   _assert_split_sizes(_build(tree))
 
@@ -244,6 +259,78 @@ def test_16bit_rgb_mask_raises(tree):
   with _raises_layout_error(pattern):
     _build(tree)
   _check_nothing_written(tree)
+
+
+def _write_tiff(path, values):
+  """Writes `values` as a TIFF, whatever the extension of `path`.
+
+  The builders list .png, .bmp and .jpg files, but Pillow detects the format
+  from the content, so a TIFF saved under such a name is decoded as a TIFF.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(values).save(path, format="TIFF")
+
+
+@pytest.mark.parametrize("values, detail", [
+    (np.full((HEIGHT, WIDTH), 70_000, np.int32), "32-bit integers"),
+    (np.full((HEIGHT, WIDTH), -1, np.int32), "32-bit integers"),
+    (np.full((HEIGHT, WIDTH), 0.5, np.float32), "floating-point"),
+])
+def test_wide_gray_image_raises(tree, values, detail):
+  image_path = tree.anomalous_image_path(0)
+  _write_tiff(image_path, values)
+  assert Image.open(image_path).mode in ("I", "F")
+
+  with _raises_layout_error(f"Unsupported image {re.escape(str(image_path))}"
+                            ) as info:
+    _build(tree)
+
+  message = str(info.value)
+  assert detail in message
+  assert "Save it as an 8-bit or 16-bit image" in message
+
+
+def test_32bit_image_within_16_bits(tree):
+  image_path = tree.anomalous_image_path(0)
+  gray = np.arange(HEIGHT * WIDTH, dtype=np.int32).reshape(HEIGHT, WIDTH)
+  _write_tiff(image_path, gray * 1000)
+  assert Image.open(image_path).mode == "I"
+
+  example = _test_example(_build(tree), tree, image_path)
+
+  expected_gray = ((gray * 1000) >> 8).astype(np.uint8)
+  for channel in range(3):
+    np.testing.assert_array_equal(example["image"][..., channel],
+                                  expected_gray)
+
+
+@pytest.mark.parametrize("mode, values", [
+    ("I", np.array([[0, 70_000], [-5, 0]], np.int32)),
+    ("F", np.array([[0.0, 0.25], [-1e-3, 0.0]], np.float32)),
+])
+def test_convert_to_rgb_rejects_wide_gray(mode, values):
+  image = Image.fromarray(values)
+  assert image.mode == mode
+
+  with pytest.raises(layout.UnsupportedImageError,
+                     match="Save it as an 8-bit or 16-bit image"):
+    layout.convert_to_rgb(image)
+  # predict.load_image catches ValueError and adds the path.
+  assert issubclass(layout.UnsupportedImageError, ValueError)
+
+
+@pytest.mark.parametrize("values", [
+    np.array([[0, 70_000], [-5, 0]], np.int32),
+    np.array([[0.0, 0.25], [-1e-3, 0.0]], np.float32),
+])
+def test_wide_gray_mask_full_depth(tmp_path, values):
+  mask_path = tmp_path / "000_mask.png"
+  _write_tiff(mask_path, values)
+  guide = anomaly_trees.SPECS["mvtec_ad"].builder_class.CATEGORY_LAYOUT.guide
+
+  mask = layout.load_binary_mask(epath.Path(mask_path), guide)
+
+  np.testing.assert_array_equal(np.asarray(mask), [[0, 255], [255, 0]])
 
 
 def test_palette_image_and_mask(tree):
@@ -461,6 +548,92 @@ def test_unused_mask_and_folders_logged(tree, caplog):
   assert "099" in warnings
   assert str(tree.category_dir / "ground_truth" / "retired_defect") in warnings
   assert str(tree.category_dir / "validation") in warnings
+
+
+def _count_warnings_naming(caplog, path):
+  return sum(str(path) in message for message in _warnings(caplog))
+
+
+def test_hidden_folders_with_images_logged(tree, caplog):
+  test_dir = tree.category_dir / "test"
+  checkpoints = tree.anomalous_image_path(0).parent / ".ipynb_checkpoints"
+  old_defects = test_dir / f".{tree.spec.defect_dir}_old"
+  old_masks = tree.category_dir / "ground_truth" / ".old_masks"
+  backup = tree.category_dir / ".backup"
+  rng = np.random.default_rng(3)
+  for image_path in (
+      checkpoints / "000-checkpoint.png",
+      old_defects / "000.png",
+      old_masks / "000_mask.png",
+      backup / "test" / tree.spec.defect_dir / "000.png",  # Two levels down.
+  ):
+    anomaly_trees.write_image(image_path, anomaly_trees.random_image(rng))
+  with_images = [checkpoints, old_defects, old_masks, backup]
+
+  cache = tree.image_path("train", tree.spec.normal_dir, 0).parent / ".cache"
+  (cache / "notes").mkdir(parents=True)
+  (cache / "notes" / "readme.txt").write_text("Cache.\n")
+  # AppleDouble files have image extensions but hidden names.
+  macos_archive = test_dir / "__MACOSX"
+  macos_archive.mkdir()
+  (macos_archive / "._000.png").write_bytes(b"\0\5\x16\7")
+  without_images = [cache, macos_archive]
+
+  with caplog.at_level(logging.WARNING):
+    _assert_split_sizes(_build(tree))
+
+  for folder in with_images:
+    assert _count_warnings_naming(caplog, folder) == 1, folder
+  for folder in without_images:
+    assert _count_warnings_naming(caplog, folder) == 0, folder
+
+
+def _transparent_white_mask():
+  """Returns an RGBA mask: opaque red on MASK_BOX, transparent white around."""
+  mask = np.zeros((HEIGHT, WIDTH, 4), np.uint8)
+  mask[...] = [255, 255, 255, 0]
+  mask[anomaly_trees.MASK_BOX] = [255, 0, 0, 255]
+  return mask
+
+
+def _white_palette_mask():
+  """Returns a palette mask whose index 0, the background, is white."""
+  mask = Image.new("P", (WIDTH, HEIGHT), 0)
+  mask.putpalette([255, 255, 255, 255, 0, 0] + [0] * 762)
+  mask.paste(1, (2, 1, 6, 4))  # MASK_BOX as (left, top, right, bottom)
+  return mask
+
+
+@pytest.mark.parametrize("style", ["transparent_white", "white_palette"])
+def test_full_mask_logged(tree, caplog, style):
+  mask_path = tree.mask_path(0)
+  if style == "transparent_white":
+    mask_path = mask_path.with_suffix(".png")
+    _replace_file(tree.mask_path(0), mask_path, _transparent_white_mask())
+  else:
+    _white_palette_mask().save(mask_path)
+
+  with caplog.at_level(logging.WARNING):
+    builder = _build(tree)
+
+  example = _test_example(builder, tree, tree.anomalous_image_path(0))
+  assert np.all(example["mask"] == 255)
+  full_mask_warnings = [
+      message for message in _warnings(caplog)
+      if "marks every pixel as anomalous" in message
+  ]
+  assert len(full_mask_warnings) == 1
+  assert str(mask_path) in full_mask_warnings[0]
+
+
+def test_partial_mask_not_logged(tree, caplog):
+  with caplog.at_level(logging.WARNING):
+    _build(tree)
+
+  assert not [
+      message for message in _warnings(caplog)
+      if "marks every pixel as anomalous" in message
+  ]
 
 
 def test_reads_back_every_example(tree):

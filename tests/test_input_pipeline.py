@@ -5,6 +5,7 @@ Loader and batching tests use in-memory lists of examples. The tests of
 """
 
 import logging
+import math
 
 import jax
 import ml_collections
@@ -187,6 +188,67 @@ def test_resize_mask_non_square_not_cropped():
   np.testing.assert_array_equal(resized, expected)
 
 
+def test_resize_mask_keeps_thin_lines():
+  # Nearest-neighbour at 1024 -> 256 reads only input pixels 4 * i + 2, so it
+  # drops both lines.
+  mask = np.zeros((1024, 1024), np.uint8)
+  mask[:, 513] = 255
+  mask[1021, :] = 255
+
+  resized = input_pipeline.resize_mask(mask, 256)
+
+  expected = np.zeros((256, 256), np.uint8)
+  expected[:, 128] = 1
+  expected[255, :] = 1
+  np.testing.assert_array_equal(resized, expected)
+
+
+def _block_index(pixel, length, size):
+  """Returns the output index i whose block contains input index `pixel`.
+
+  Block i covers [floor(i * length / size), floor((i + 1) * length / size)).
+  """
+  return math.ceil((pixel + 1) * size / length) - 1
+
+
+def test_resize_mask_blocks_cover_every_pixel():
+  height, width, size = 37, 50, 16
+  for row in range(height):
+    for column in range(width):
+      mask = np.zeros((height, width), np.uint8)
+      mask[row, column] = 1
+
+      resized = input_pipeline.resize_mask(mask, size)
+
+      expected = np.zeros((size, size), np.uint8)
+      expected[_block_index(row, height, size),
+               _block_index(column, width, size)] = 1
+      np.testing.assert_array_equal(resized, expected,
+                                    err_msg=f"pixel ({row}, {column})")
+
+
+def test_resize_mask_2x_upsampling_repeats():
+  mask = np.random.default_rng(0).integers(0, 2, (128, 128), dtype=np.uint8)
+
+  resized = input_pipeline.resize_mask(mask, 256)
+
+  expected = np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1)
+  np.testing.assert_array_equal(resized, expected)
+
+
+def test_resize_mask_shrinks_one_axis_grows_other():
+  # Rows grow 8 -> 16, so each row is repeated twice and not dilated. Columns
+  # shrink 40 -> 16, so column 5 lands in block 2, columns [5, 7).
+  mask = np.zeros((8, 40), np.uint8)
+  mask[3, 5] = 1
+
+  resized = input_pipeline.resize_mask(mask, 16)
+
+  expected = np.zeros((16, 16), np.uint8)
+  expected[6:8, 2] = 1
+  np.testing.assert_array_equal(resized, expected)
+
+
 def test_train_loader_shapes():
   loader = _loader(
       _constant_source(10), global_batch_size=8, local_device_count=2
@@ -345,7 +407,7 @@ def test_eval_batches_shapes_and_types():
   assert batch["defect_type"] == ["good", "crack"]
 
 
-def test_eval_batches_resize_mask_nearest():
+def test_eval_batches_resize_mask():
   batch = next(input_pipeline.eval_batches(
       _eval_source(2), image_size=8, heatmap_size=4, batch_size=2
   ))

@@ -8,21 +8,25 @@ download address, so the user can fix the folder without reading the builder.
 Hidden entries (names that start with ".", the OS files in
 `OS_METADATA_FILES` and `__MACOSX/` folders) are skipped. A hidden file that is
 a readable image is an error instead, because skipping it would drop an image
-without a trace.
+without a trace. A skipped hidden folder that contains image files is logged
+as a warning that names it.
 
-File extensions are compared in any letter case, so "000.PNG" is an image.
+File extensions and OS file names are compared in any letter case, so
+"000.PNG" is an image and "THUMBS.DB" is skipped.
 """
 
 from collections.abc import Sequence
 import dataclasses
 import os
 
+from absl import logging
 from etils import epath
 import numpy as np
 from PIL import Image
 
-# Files that operating systems write into folders they display.
-OS_METADATA_FILES = frozenset({"Thumbs.db", "desktop.ini"})
+# Files that operating systems write into folders they display, in lower case.
+# `is_hidden` compares names in any letter case.
+OS_METADATA_FILES = frozenset({"thumbs.db", "desktop.ini"})
 
 # Folder that the macOS archiver adds next to the packed files.
 MACOS_ARCHIVE_DIR = "__MACOSX"
@@ -43,6 +47,10 @@ PIL_READ_ERRORS = (
 
 class DatasetLayoutError(ValueError):
   """Raised when a data set folder does not match the layout a builder reads."""
+
+
+class UnsupportedImageError(ValueError):
+  """Raised for a decoded image with float pixels or integers beyond 16 bits."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +79,11 @@ class LayoutGuide:
 
 
 def is_hidden(path: epath.Path) -> bool:
-  """Returns whether `path` is a dot file or folder or an OS metadata file."""
-  return (path.name.startswith(".") or path.name in OS_METADATA_FILES
+  """Returns whether `path` is a dot file or folder or an OS metadata file.
+
+  OS metadata file names match in any letter case.
+  """
+  return (path.name.startswith(".") or path.name.lower() in OS_METADATA_FILES
           or path.name == MACOS_ARCHIVE_DIR)
 
 
@@ -135,7 +146,9 @@ def list_image_files(
 
   The files are not opened here, except hidden files: `read_image_size`
   checks the returned ones. An empty folder counts as a broken copy, because
-  it usually comes from an interrupted download or unpacking.
+  it usually comes from an interrupted download or unpacking. Hidden
+  subfolders are skipped, with a warning if they contain image files (see
+  `warn_if_hidden_dir_has_images`).
 
   Raises:
     DatasetLayoutError: if `folder` is missing, contains no visible file, has a
@@ -150,6 +163,7 @@ def list_image_files(
         raise guide.error(
             f"Unexpected folder {entry}: image folders contain files only."
         )
+      warn_if_hidden_dir_has_images(entry)
       continue
 
     if not is_hidden(entry):
@@ -176,20 +190,48 @@ def reject_loose_images(
   """Checks that the visible files directly in `folder` are not images.
 
   Use it on folders that contain image folders, where a loose image would be
-  skipped. Other files, such as a license or a readme, are allowed.
+  skipped. Other files, such as a license or a readme, are allowed. Hidden
+  subfolders of `folder` that contain image files are logged as warnings
+  (see `warn_if_hidden_dir_has_images`).
 
   Raises:
     DatasetLayoutError: naming the first image file, with `expected_place`
       as the folder where images belong.
   """
   for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
-    if is_hidden(entry) or entry.is_dir():
+    if entry.is_dir():
+      if is_hidden(entry):
+        warn_if_hidden_dir_has_images(entry)
+      continue
+    if is_hidden(entry):
       continue
     if has_extension(entry, IMAGE_EXTENSIONS):
       raise guide.error(
           f"Unexpected image file {entry}: images belong in {expected_place}. "
           "Move it there or delete it."
       )
+
+
+def warn_if_hidden_dir_has_images(folder: epath.Path) -> None:
+  """Logs a warning naming the skipped hidden `folder` if it has image files.
+
+  Image files are visible files with an extension in `IMAGE_EXTENSIONS`, at
+  any depth below `folder`. The AppleDouble files of `__MACOSX/` start with
+  "._", so they are hidden and do not count.
+  """
+  num_images = 0
+  for _, _, file_names in folder.walk():
+    num_images += sum(
+        1 for name in file_names
+        if not is_hidden(epath.Path(name))
+        and has_extension(epath.Path(name), IMAGE_EXTENSIONS)
+    )
+  if num_images:
+    logging.warning(
+        "Ignoring hidden folder %s, which contains image files (%d). Hidden "
+        "folders are skipped, so rename the folder if its images belong to "
+        "the data set.", folder, num_images,
+    )
 
 
 def read_image_size(path: epath.Path, guide: LayoutGuide) -> tuple[int, int]:
@@ -230,18 +272,48 @@ def load_rgb_image(path: epath.Path, guide: LayoutGuide) -> Image.Image:
   mapped to their colors.
 
   Raises:
-    DatasetLayoutError: naming `path` if the file cannot be decoded.
+    DatasetLayoutError: naming `path` if the file cannot be decoded, or if its
+      pixels do not fit 16 bits (see `convert_to_rgb`).
   """
-  return convert_to_rgb(_load_image(path, guide))
+  image = _load_image(path, guide)
+  try:
+    return convert_to_rgb(image)
+  except UnsupportedImageError as error:
+    raise guide.error(f"Unsupported image {path}: {error}") from error
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
-  """Converts a decoded image to 8-bit RGB as `load_rgb_image` describes."""
+  """Converts a decoded image to 8-bit RGB as `load_rgb_image` describes.
+
+  32-bit integer gray (Pillow mode "I") is read like 16-bit gray when every
+  value is in [0, 65535].
+
+  Raises:
+    UnsupportedImageError: for 32-bit integer gray with values outside
+      [0, 65535] and for floating-point gray (mode "F"), which have no
+      fixed range to map to 8 bits. The message does not name the file, so
+      callers add its path.
+  """
+  if image.mode == "F":
+    raise UnsupportedImageError(
+        "its pixels are 32-bit floating-point numbers (Pillow mode F), which "
+        "have no fixed range to map to 8 bits. Save it as an 8-bit or 16-bit "
+        "image."
+    )
+
   if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+    values = np.asarray(image)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 0xFFFF:
+      raise UnsupportedImageError(
+          f"its pixels are 32-bit integers (Pillow mode I) from {low} to "
+          f"{high}, outside the 16-bit range 0 to 65535. Save it as an 8-bit "
+          "or 16-bit image."
+      )
     # 16-bit gray: keep the 8 most significant bits, since convert("RGB")
     # would clip every value above 255.
-    values = np.asarray(image, dtype=np.uint32) >> 8
-    image = Image.fromarray(values.astype(np.uint8), "L")
+    image = Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8),
+                            "L")
   return image.convert("RGB")
 
 
@@ -251,7 +323,8 @@ def load_binary_mask(path: epath.Path, guide: LayoutGuide) -> Image.Image:
   A pixel is anomalous (255) when any of its color channels is non-zero, so
   masks stored as 0/1, 0/255, with anti-aliased edges or with class codes all
   work. Alpha is ignored, palette images are mapped to their colors first and
-  16-bit grayscale values are compared at full depth.
+  16-bit, 32-bit integer and floating-point gray values are compared at full
+  depth.
 
   Raises:
     DatasetLayoutError: naming `path` if the file cannot be decoded, or if it is

@@ -17,7 +17,9 @@ holds these names, and the rules below cover the rest for every data set:
   or ground_truth/<defect>/<stem>, with a mask extension. Exactly one of these
   files must exist, so two candidates are an error that names both.
 * Any non-zero mask pixel is anomalous (see `layout.load_binary_mask`).
-  A mask without a non-zero pixel is an error.
+  A mask without a non-zero pixel is an error. A mask without a zero pixel is
+  logged as a warning, because a defect may cover the whole image but a mask
+  with a white or transparent background looks the same.
 * Every image folder must contain images. An empty defect folder is an error,
   because it usually comes from an interrupted download or unpacking. Delete
   the folder to leave that defect type out.
@@ -28,6 +30,7 @@ holds these names, and the rules below cover the rest for every data set:
 * Masks that match no image, and unknown folders in a category folder, are
   logged as warnings and otherwise ignored.
 * Hidden files and folders, `__MACOSX/` included, are skipped as in `layout`.
+  Hidden folders that contain image files are logged as warnings.
 
 The examples have the features of `tfds_builders.features`. Their
 `defect_type` is `features.NORMAL_DEFECT_TYPE` for normal images whatever the
@@ -150,6 +153,8 @@ def load_example(
 ) -> dict[str, object]:
   """Decodes one record into the features of `tfds_builders.features`.
 
+  Logs a warning naming the mask if every mask pixel is anomalous.
+
   Raises:
     DatasetLayoutError: naming the file if the image or mask cannot be
       decoded, if their sizes differ or if the mask has no non-zero pixel.
@@ -163,11 +168,19 @@ def load_example(
     layout.check_mask_size(
         record.image_path, image.size, record.mask_path, mask.size, guide
     )
-    if not np.asarray(mask).any():
+    anomalous = np.asarray(mask) != 0
+    if not anomalous.any():
       raise guide.error(
           f"Mask {record.mask_path} of anomalous image {record.image_path} "
           "has no non-zero pixel. Fix the mask or move the image to the "
           "folder of normal test images.")
+    if anomalous.all():
+      logging.warning(
+          "Mask %s of anomalous image %s marks every pixel as anomalous. If "
+          "the mask has a white or transparent background, save it with a "
+          "black one, because any non-zero color is anomalous and alpha is "
+          "ignored.", record.mask_path, record.image_path,
+      )
 
   label = features.LABEL_NAMES[0 if record.is_normal else 1]
   return {
