@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from sprs_jax import input_pipeline
 from sprs_jax import metrics as metrics_lib
@@ -28,8 +29,9 @@ def score_split(config, params, source):
   Returns:
     A dict of NumPy arrays in source order: ``heatmaps`` float32 [N, S, S],
     ``scores`` [N], ``masks`` uint8 {0, 1} [N, S, S], ``labels`` [N],
-    ``display`` uint8 [N, S, S, 3], and lists ``file_names``, ``defect_types``.
-    S is eval.heatmap_size.
+    ``display`` uint8 [N, S, S, 3], ``original_sizes`` int32 [N, 2] (height,
+    width of each photo), and lists ``file_names``, ``defect_types``. S is
+    eval.heatmap_size.
   """
   eval_config = config.eval
   num_devices = jax.local_device_count()
@@ -40,7 +42,8 @@ def score_split(config, params, source):
   score_batch = make_device_scorer(config, params)
 
   outputs = {key: [] for key in ("heatmaps", "scores", "masks", "labels",
-                                 "display", "file_names", "defect_types")}
+                                 "display", "original_sizes", "file_names",
+                                 "defect_types")}
   first_index = 0
   start = time.perf_counter()
   for batch in input_pipeline.eval_batches(
@@ -55,6 +58,7 @@ def score_split(config, params, source):
     outputs["masks"].append(batch["mask"][valid])
     outputs["labels"].append(batch["label"][valid])
     outputs["display"].append(batch["display"][valid])
+    outputs["original_sizes"].append(batch["original_size"][valid])
     outputs["file_names"] += [n for n, v in zip(batch["file_name"], valid) if v]
     outputs["defect_types"] += [
         d for d, v in zip(batch["defect_type"], valid) if v]
@@ -63,7 +67,8 @@ def score_split(config, params, source):
   seconds = time.perf_counter() - start
   logging.info("Scored %d test images in %.1f s (%.1f images/s).",
                first_index, seconds, first_index / max(seconds, 1e-9))
-  for key in ("heatmaps", "scores", "masks", "labels", "display"):
+  for key in ("heatmaps", "scores", "masks", "labels", "display",
+              "original_sizes"):
     outputs[key] = np.concatenate(outputs[key])
   return outputs
 
@@ -113,6 +118,24 @@ def _split(array, num_devices):
   return array.reshape((num_devices, -1) + array.shape[1:])
 
 
+def _restore_aspect_ratio(display, mask, heatmap, original_size):
+  """Stretches square pictures of a photo back to its aspect ratio.
+
+  The height stays at eval.heatmap_size S and the width becomes S * width /
+  height of the original photo. Returns (display, mask, heat map).
+  """
+  height, width = (int(side) for side in original_size)
+  side = display.shape[0]
+  target_width = max(1, round(side * width / height))
+  if target_width == side:
+    return display, mask, heatmap
+  display = np.asarray(Image.fromarray(display).resize(
+      (target_width, side), Image.Resampling.BILINEAR))
+  mask = np.asarray(Image.fromarray(mask).resize(
+      (target_width, side), Image.Resampling.NEAREST))
+  return display, mask, visualize.resize_heatmap(heatmap, target_width, side)
+
+
 def select_panel_indices(defect_types, num_panels: int) -> list[int]:
   """Picks up to num_panels test images, taking each defect type in turn."""
   by_type = {}
@@ -156,10 +179,16 @@ def evaluate(config, category_dir: str, params, source,
                                 config.eval.num_panels)
   if chosen:
     panel_dir = os.path.join(category_dir, "panels")
+    pictures = [
+        _restore_aspect_ratio(outputs["display"][i], outputs["masks"][i],
+                              outputs["heatmaps"][i],
+                              outputs["original_sizes"][i])
+        for i in chosen]
     paths = visualize.save_panels(
         panel_dir,
-        outputs["display"][chosen], outputs["masks"][chosen],
-        outputs["heatmaps"][chosen],
+        [picture[0] for picture in pictures],
+        [picture[1] for picture in pictures],
+        [picture[2] for picture in pictures],
         [outputs["file_names"][i] for i in chosen],
         outputs["scores"][chosen],
         vmin=record["heatmap_min"],

@@ -345,6 +345,7 @@ def eval_batches(
       mask: uint8 [b, H, H], 1 where anomalous, resized by `resize_mask`.
       label: int32 [b], 0 normal and 1 anomalous.
       display: uint8 [b, H, H, 3], the photo resized for pictures.
+      original_size: int32 [b, 2], the photo's (height, width) before resizing.
       defect_type, file_name: lists of b str.
       valid: bool [b], False for padding.
   """
@@ -368,6 +369,8 @@ def eval_batches(
         "mask": np.stack([example["mask"] for example in examples]),
         "label": np.array([example["label"] for example in examples], np.int32),
         "display": np.stack([example["display"] for example in examples]),
+        "original_size": np.array(
+            [example["original_size"] for example in examples], np.int32),
         "defect_type": [example["defect_type"] for example in examples],
         "file_name": [example["file_name"] for example in examples],
         "valid": np.array(valid, bool),
@@ -446,6 +449,7 @@ def _eval_example(
       "mask": resize_mask(example["mask"], heatmap_size),
       "label": int(example["label"]),
       "display": resize_image(image, heatmap_size),
+      "original_size": image.shape[:2],
       "defect_type": _to_str(example["defect_type"]),
       "file_name": _to_str(example["file_name"]),
   }

@@ -172,3 +172,31 @@ def test_device_scorer_matches_score_split(params, reference):
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(scores, reference["scores"][:4],
                              rtol=1e-5, atol=1e-6)
+
+
+def test_panels_restore_aspect_ratio():
+  display = np.zeros((32, 32, 3), np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[:, 16:] = 1
+  heatmap = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+
+  wide = evaluate._restore_aspect_ratio(display, mask, heatmap, (600, 800))
+
+  assert wide[0].shape == (32, 43, 3)
+  assert wide[1].shape == (32, 43)
+  assert wide[2].shape == (32, 43)
+  # The mask's right half stays the right half after stretching.
+  assert wide[1][:, :21].max() == 0
+  assert wide[1][:, 22:].min() == 1
+
+
+def test_panels_square_photo_unchanged():
+  display = np.zeros((32, 32, 3), np.uint8)
+  mask = np.zeros((32, 32), np.uint8)
+  heatmap = np.zeros((32, 32), np.float32)
+
+  same = evaluate._restore_aspect_ratio(display, mask, heatmap, (100, 100))
+
+  assert same[0] is display
+  assert same[1] is mask
+  assert same[2] is heatmap

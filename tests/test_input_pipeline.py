@@ -405,6 +405,8 @@ def test_eval_batches_shapes_and_types():
   assert batch["label"].tolist() == [0, 1]
   assert batch["valid"].dtype == bool
   assert batch["defect_type"] == ["good", "crack"]
+  assert batch["original_size"].dtype == np.int32
+  assert batch["original_size"].tolist() == [[16, 16], [16, 16]]
 
 
 def test_eval_batches_resize_mask():
