@@ -114,5 +114,27 @@ def main(argv):
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """Parses the flags; a --config.* override of no field is a user error.
+
+  ml_collections raises AttributeError or KeyError while it applies such an
+  override, which absl would show as a traceback.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    print(f"error: {error}\nPass --helpfull to list the flags.",
+          file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    detail = " ".join(
+        str(error).replace("\\n", " ").replace("\\'", "").split())
+    overrides = [arg.split("=")[0] for arg in argv[1:]
+                 if arg.startswith("--config.")]
+    print(f"error: invalid --config override ({', '.join(overrides)}): "
+          f"{detail.strip(chr(39))}\nconfigs/base.py and README.md "
+          "(Configuration) list the fields.", file=sys.stderr)
+  sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -67,6 +67,10 @@ def _decoder_mid_widths(widths) -> list[int]:
   return mids
 
 
+def _is_number(value, types) -> bool:
+  return isinstance(value, types) and not isinstance(value, bool)
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the first invalid field, before any work starts."""
   problems = []
@@ -76,6 +80,10 @@ def validate_config(config) -> None:
       problems.append(message)
 
   widths = tuple(config.model.widths)
+  if not all(_is_number(width, int) and width >= 1 for width in widths):
+    raise ValueError(
+        f"Invalid config:\n  model.widths={widths} must be positive "
+        "integers, for example (16, 32, 64, 128, 128).")
   groups = config.model.num_groups
   require(len(widths) >= 1, "model.widths must name at least one level.")
   require(groups >= 1, f"model.num_groups={groups} must be >= 1.")
@@ -100,7 +108,8 @@ def validate_config(config) -> None:
           f"training.t_min={t_min} and training.t_max={t_max} must satisfy "
           "0 < t_min <= t_max <= 1.")
   levels = tuple(config.eval.noise_levels)
-  require(levels and all(0.0 < t <= 1.0 for t in levels),
+  require(levels and all(_is_number(t, (int, float)) and 0.0 < t <= 1.0
+                         for t in levels),
           f"eval.noise_levels={levels} must be a non-empty tuple of diffusion "
           "times in (0, 1], for example (0.001,).")
   require(config.sde.sigma_max > 1.0,

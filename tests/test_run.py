@@ -401,3 +401,34 @@ def test_resolve_categories_unknown(data_dir):
   config.data.category = "wood"
   with pytest.raises(ValueError, match="'wood'"):
     run_lib.resolve_categories(config.data)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model.widths", ("8", "x")),
+    ("model.widths", (12, 16)),
+    ("eval.noise_levels", ()),
+    ("eval.noise_levels", (0.0,)),
+    ("training.t_max", 2.0),
+    ("training.num_epochs", 0),
+])
+def test_validate_config_names_field(field, value, tmp_path):
+  config = _config(tmp_path)
+  config.update_from_flattened_dict({field: value})
+
+  with pytest.raises(ValueError, match="Invalid config") as error:
+    run_lib.run(config, str(tmp_path / "workdir"), "train")
+
+  assert field in str(error.value)
+  assert not (tmp_path / "workdir").exists()
+
+
+def test_cli_unknown_config_field(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, "run.py", "--config=configs/demo.py",
+       "--config.training.nmu_epochs=3", f"--workdir={tmp_path / 'w'}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+  assert completed.returncode == 1
+  assert "Traceback" not in completed.stderr
+  assert "error: invalid --config override" in completed.stderr
+  assert 'Did you mean "num_epochs"' in completed.stderr
