@@ -24,7 +24,8 @@ def score_split(config, params, source):
 
   The batch is split over all local devices. Each image's noise comes from
   `image_noise_keys`, so the output depends on the seed and the pixels but not
-  on the batch size, the device count or the order of the images.
+  on the order of the images. Other batch sizes or device counts can change
+  scores in the last float32 bit.
 
   Returns:
     A dict of NumPy arrays in source order: ``heatmaps`` float32 [N, S, S],
@@ -170,7 +171,8 @@ def evaluate(config, category_dir: str, params, source,
   results["num_test_images"] = int(len(outputs["labels"]))
   record = threshold_lib.make_record(
       results["f1_threshold"], results["f1_max"], outputs["labels"],
-      outputs["scores"], outputs["heatmaps"], config, checkpoint_step)
+      outputs["scores"], outputs["heatmaps"], config, checkpoint_step,
+      params)
   threshold_path = threshold_lib.save(category_dir, record)
   logging.info("Wrote the decision threshold %.6g (F1-max %.4f) to %s",
                record["threshold"], record["f1_max"], threshold_path)

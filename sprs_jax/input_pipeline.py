@@ -18,6 +18,7 @@ is selected.
 from collections.abc import Iterator, Mapping, Sequence
 import importlib
 import math
+import os
 from typing import Any
 
 from absl import logging
@@ -71,8 +72,9 @@ def get_builder(
         f"{', '.join(categories)}."
     )
 
+  data_dir = os.path.expanduser(data_config.data_dir) or None
   return builder_class(
-      data_dir=data_config.data_dir or None,
+      data_dir=data_dir,
       config=data_config.category,
       file_format=FILE_FORMAT,
   )

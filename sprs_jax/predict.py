@@ -190,16 +190,8 @@ def overlay_file_names(paths: list[str]) -> list[str]:
   Names are compared in lower case, so they stay distinct on file systems
   that ignore letter case.
   """
-  names, used_names = [], set()
-  for path in paths:
-    stem = pathlib.PurePath(path).stem or "image"
-    name, number = f"{stem}.png", 1
-    while name.lower() in used_names:
-      number += 1
-      name = f"{stem}_{number}.png"
-    used_names.add(name.lower())
-    names.append(name)
-  return names
+  return visualize.distinct_png_names(
+      [pathlib.PurePath(path).stem or "image" for path in paths])
 
 
 def _write_csv_atomically(path: str, rows: list[dict]) -> None:

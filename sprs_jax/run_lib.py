@@ -114,6 +114,25 @@ def validate_config(config) -> None:
           "times in (0, 1], for example (0.001,).")
   require(config.sde.sigma_max > 1.0,
           f"sde.sigma_max={config.sde.sigma_max} must be > 1.")
+  require(config.model.dtype in ("float32", "bfloat16"),
+          f"model.dtype={config.model.dtype!r} must be 'float32' or "
+          "'bfloat16'.")
+  require(config.training.lr_schedule in ("piecewise", "cosine"),
+          f"training.lr_schedule={config.training.lr_schedule!r} must be "
+          "'piecewise' or 'cosine'.")
+  for field in ("training.learning_rate", "training.weight_decay"):
+    value = _lookup(config, field)
+    require(_is_number(value, (int, float)) and value >= 0,
+            f"{field}={value!r} must be a number >= 0.")
+  require(config.training.learning_rate > 0,
+          f"training.learning_rate={config.training.learning_rate!r} must be "
+          "> 0.")
+  require(config.training.warmup_steps >= 0,
+          f"training.warmup_steps={config.training.warmup_steps} must be "
+          ">= 0.")
+  require(0.0 <= config.training.ema_decay < 1.0,
+          f"training.ema_decay={config.training.ema_decay} must be in "
+          "[0, 1).")
   devices = jax.local_device_count()
   if isinstance(config.eval.batch_size, int) and config.eval.batch_size >= 1:
     require(config.eval.batch_size % devices == 0,
@@ -125,6 +144,19 @@ def validate_config(config) -> None:
             f"multiple of the {jax.device_count()} devices.")
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _missing_folders(path: str) -> list[str]:
+  """Returns path and its ancestors that do not exist yet, deepest first."""
+  missing = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    missing.append(path)
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
 
 
 def _check_workdir(workdir: str) -> None:
@@ -169,6 +201,15 @@ def _check_config_matches(config, category_dir: str) -> None:
 
 def _checkpoint_dir(category_dir: str) -> str:
   return os.path.join(category_dir, "checkpoints")
+
+
+def _latest_step(category_dir: str) -> int:
+  """Returns the step of the latest checkpoint in category_dir, or 0."""
+  directory = _checkpoint_dir(category_dir)
+  if not os.path.isdir(directory):
+    return 0
+  return max((int(name) for name in os.listdir(directory) if name.isdigit()),
+             default=0)
 
 
 def _has_checkpoint(category_dir: str) -> bool:
@@ -235,9 +276,6 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
 
   params = None
   if mode in ("train", "train_and_evaluate"):
-    os.makedirs(category_dir, exist_ok=True)
-    train_lib.write_json_atomically(
-        os.path.join(category_dir, "config.json"), config.to_dict())
     train_loader = input_pipeline.TrainLoader(
         input_pipeline.load_split(config.data, "train"),
         image_size=config.data.image_size,
@@ -245,6 +283,14 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
         seed=config.seed)
     logging.info("Loaded %d training images of %s.", train_loader.num_examples,
                  category)
+    total_steps = config.training.num_epochs * train_loader.steps_per_epoch
+    config_path = os.path.join(category_dir, "config.json")
+    # config.json describes the latest training, so a run that trains
+    # nothing (already finished) leaves it as it is.
+    if _latest_step(category_dir) < total_steps or not os.path.exists(
+        config_path):
+      os.makedirs(category_dir, exist_ok=True)
+      train_lib.write_json_atomically(config_path, config.to_dict())
     state = train_lib.train(config, category_dir, train_loader)
     params, step = state.ema_params, int(state.step)
   if mode == "train":
@@ -302,7 +348,10 @@ def run(config, workdir: str, mode: str) -> dict:
         f"--mode={mode!r} is not one of {', '.join(CONFIG_MODES)}.")
   validate_config(config)
   categories = resolve_categories(config.data)
-  created_workdir = not os.path.exists(workdir)
+  if mode == "evaluate":
+    for category in categories:
+      _require_checkpoint(os.path.join(workdir, category))
+  new_folders = _missing_folders(workdir)
   _check_workdir(workdir)
   metrics_path = os.path.join(workdir, "metrics.json")
   try:
@@ -314,9 +363,10 @@ def run(config, workdir: str, mode: str) -> dict:
       category_data.category = category
       input_pipeline.prepare(category_data)
   except Exception:
-    # A workdir made by this call and still empty is removed again.
-    if created_workdir and not os.listdir(workdir):
-      os.rmdir(workdir)
+    # Folders made by this call for the workdir and still empty go again.
+    for folder in new_folders:
+      if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
     raise
 
   results = {}
@@ -331,9 +381,11 @@ def run(config, workdir: str, mode: str) -> dict:
     all_metrics = _read_metrics(metrics_path)
     all_metrics[category] = category_results
     train_lib.write_json_atomically(metrics_path, all_metrics)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
+    results_path = os.path.join(workdir, "results.md")
+    with open(results_path + ".tmp", "w") as f:
       f.write(f"# Results in {os.path.abspath(workdir)}\n\n")
       f.write(format_results_table(all_metrics))
+    os.replace(results_path + ".tmp", results_path)
 
   if results:
     table = format_results_table(results, categories=list(results))
@@ -362,6 +414,14 @@ def _read_metrics(path: str) -> dict:
     raise ValueError(
         f"{path} holds a {type(metrics).__name__}, expected a JSON object "
         "{category: metrics}. Repair or move away this file.")
+  for category, entry in metrics.items():
+    missing = [key for key, _ in METRIC_COLUMNS
+               if not isinstance(entry, dict)
+               or not _is_number(entry.get(key), (int, float))]
+    if missing:
+      raise ValueError(
+          f"{path}: the entry of {category!r} lacks the numbers "
+          f"{', '.join(missing)}. Repair or move away this file.")
   return metrics
 
 
@@ -386,6 +446,12 @@ def select_category(workdir: str, category: str | None) -> str:
         f"The workdir {workdir!r} does not exist or is not a folder. Pass the "
         "--workdir of a trained and evaluated run.")
   categories = trained_categories(workdir)
+  if not categories and os.path.isfile(os.path.join(workdir, "config.json")):
+    parent = os.path.dirname(os.path.abspath(workdir))
+    raise ValueError(
+        f"{workdir!r} is the folder of one category, not a workdir. Pass its "
+        f"parent: --workdir={parent} --category="
+        f"{os.path.basename(os.path.abspath(workdir))}.")
   if not categories:
     raise ValueError(
         f"The workdir {workdir!r} contains no trained category (no "
@@ -460,16 +526,31 @@ def predict(workdir: str, images: str, output_dir: str | None = None,
   config = load_saved_config(category_dir)
   record = threshold_lib.load(category_dir)
   # Photos are scored with the settings the threshold was chosen with.
-  config.update_from_flattened_dict(record["scoring"])
+  try:
+    config.update_from_flattened_dict(record["scoring"])
+  except (KeyError, TypeError, ValueError) as error:
+    raise ValueError(
+        f"The scoring fields of {os.path.join(category_dir, 'threshold.json')} "
+        f"do not fit the config ({error}). Run --mode=evaluate with the "
+        "category's --config and this --workdir to write them again.") from error
   _require_checkpoint(category_dir)
 
   if output_dir is None:
     output_dir = os.path.join(category_dir, PREDICTIONS_DIR)
+  if not output_dir:
+    raise ValueError(
+        "--output is empty. Pass a folder, or leave --output out to write to "
+        f"{os.path.join(category_dir, PREDICTIONS_DIR)}.")
   csv_path = os.path.join(output_dir, predict_lib.CSV_NAME)
   if os.path.exists(csv_path):
     raise ValueError(
         f"{csv_path} already exists and is kept. Pass another folder with "
-        "--output, or move that file away.")
+        "--output, or move that folder away.")
+  heatmap_dir = os.path.join(output_dir, predict_lib.HEATMAP_DIR)
+  if os.path.isdir(heatmap_dir) and os.listdir(heatmap_dir):
+    raise ValueError(
+        f"{heatmap_dir} already holds files of an earlier run, which are "
+        "kept. Pass another folder with --output, or move that folder away.")
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise ValueError(
         f"The output {output_dir!r} is a file. Pass a folder with --output.")
@@ -477,12 +558,14 @@ def predict(workdir: str, images: str, output_dir: str | None = None,
   paths = predict_lib.find_images(images)
   predict_lib.check_images(paths)
   params, step = _restore_for_evaluation(config, category_dir)
-  if step != record["checkpoint_step"]:
+  if (step != record["checkpoint_step"] or threshold_lib.params_fingerprint(
+      params) != record["params_fingerprint"]):
     raise ValueError(
-        f"The threshold in {category_dir} was chosen for the checkpoint at "
-        f"step {record['checkpoint_step']}, but the latest checkpoint is at "
-        f"step {step}. Run --mode=evaluate with the category's --config and "
-        "this --workdir to choose it again.")
+        f"The threshold in {category_dir} was chosen for other params (the "
+        f"checkpoint at step {record['checkpoint_step']}, fingerprint "
+        f"{record['params_fingerprint']}) than the latest checkpoint (step "
+        f"{step}). Run --mode=evaluate with the category's --config and this "
+        "--workdir to choose it again.")
   _check_output_dir(output_dir)
   logging.info("Scoring %d images with category %s of %s.", len(paths),
                category, workdir)

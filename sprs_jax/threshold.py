@@ -11,15 +11,18 @@ as `normalize` of anomalib's min-max normalization module does::
 so the threshold maps to 0.5, higher scores to more than 0.5, and the map is
 monotone. ``heatmap_min`` and ``heatmap_max`` are the test split's heat-map
 pixel range, the colour scale of the evaluation panels and of the overlays of
-the predict mode. ``checkpoint_step`` and ``scoring`` (the config fields that
-change image scores) say which model and settings the threshold belongs to,
-so the predict mode scores photos exactly as evaluation scored the test split.
+the predict mode. ``checkpoint_step``, ``params_fingerprint`` and ``scoring`` (the config fields
+that change image scores) tie the threshold to the evaluated params and
+settings, so the predict mode scores photos as evaluation scored the test
+split, and refuses params that were not evaluated.
 """
 
 import json
 import math
 import os
+import zlib
 
+import jax
 import numpy as np
 
 from sprs_jax import train as train_lib
@@ -29,8 +32,22 @@ METHOD = "f1_max"
 _FLOAT_FIELDS = ("threshold", "score_min", "score_max", "heatmap_min",
                  "heatmap_max")
 # Config fields that change image scores, stored in the record's "scoring".
-SCORING_FIELDS = ("seed", "data.image_size", "eval.noise_levels",
-                  "eval.num_draws", "eval.heatmap_size", "eval.filter_size")
+SCORING_FIELDS = ("seed", "data.image_size", "model.dtype",
+                  "eval.noise_levels", "eval.num_draws", "eval.batch_size",
+                  "eval.heatmap_size", "eval.filter_size")
+
+
+def params_fingerprint(params) -> str:
+  """Returns a CRC-32 of every array in params, as 8 hex digits.
+
+  Two checkpoints of the same step but from different training runs get
+  different fingerprints, so a threshold is tied to the exact params.
+  """
+  checksum = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    checksum = zlib.crc32(jax.tree_util.keystr(path).encode(), checksum)
+    checksum = zlib.crc32(np.ascontiguousarray(leaf).tobytes(), checksum)
+  return f"{checksum:08x}"
 
 
 def scoring_fields(config) -> dict:
@@ -46,7 +63,7 @@ def scoring_fields(config) -> dict:
 
 def make_record(threshold: float, f1: float, labels: np.ndarray,
                 scores: np.ndarray, heatmaps: np.ndarray, config,
-                checkpoint_step: int) -> dict:
+                checkpoint_step: int, params) -> dict:
   """Returns the threshold.json content of one evaluated test split.
 
   Args:
@@ -57,10 +74,12 @@ def make_record(threshold: float, f1: float, labels: np.ndarray,
     heatmaps: [N, H, W] heat maps of the test split.
     config: the config the test split was scored with.
     checkpoint_step: training step of the scored params.
+    params: the scored (EMA) params, whose fingerprint is stored.
   """
   labels = np.asarray(labels)
   return {
       "checkpoint_step": int(checkpoint_step),
+      "params_fingerprint": params_fingerprint(params),
       "scoring": scoring_fields(config),
       "threshold": float(threshold),
       "method": METHOD,
@@ -110,11 +129,12 @@ def load(category_dir: str) -> dict:
           f"{path} has no finite number in field {field!r}. {rerun}")
   scoring = record.get("scoring")
   if (not isinstance(record.get("checkpoint_step"), int)
+      or not isinstance(record.get("params_fingerprint"), str)
       or not isinstance(scoring, dict)
       or sorted(scoring) != sorted(SCORING_FIELDS)):
     raise ValueError(
         f"{path} does not say which checkpoint and scoring fields its "
-        f"threshold belongs to (an older format). {rerun}")
+        f"threshold belongs to (an older format or an edited file). {rerun}")
   return record
 
 

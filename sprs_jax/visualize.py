@@ -291,6 +291,23 @@ def panel_file_name(file_name: str) -> str:
   return "_".join(parts) + ".png"
 
 
+def distinct_png_names(stems: Sequence[str]) -> list[str]:
+  """Returns "<stem>.png" per stem, then "<stem>_2.png", ... for repeats.
+
+  Names are compared in lower case, so they stay distinct on file systems
+  that ignore letter case.
+  """
+  names, used_names = [], set()
+  for stem in stems:
+    name, number = f"{stem}.png", 1
+    while name.lower() in used_names:
+      number += 1
+      name = f"{stem}_{number}.png"
+    used_names.add(name.lower())
+    names.append(name)
+  return names
+
+
 def save_panels(
     output_dir: str | os.PathLike,
     images: np.ndarray | Sequence[np.ndarray],
@@ -306,9 +323,9 @@ def save_panels(
 
   Each panel is titled with its file name and, when `scores` is given, its
   image score, followed by "anomalous" (score >= `threshold`) or "normal"
-  when `threshold` is given too. Panel names come from `panel_file_name`.
-  Two file names that map to the same panel name raise ValueError before
-  anything is written.
+  when `threshold` is given too. Panel names come from `panel_file_name`;
+  file names that map to the same panel name get "_2", "_3", ... (see
+  `distinct_png_names`).
 
   Args:
     output_dir: folder for the PNGs, created if missing.
@@ -337,15 +354,8 @@ def save_panels(
   if len(set(lengths.values())) != 1:
     raise ValueError(f"all inputs must have the same length, got {lengths}.")
 
-  names = [panel_file_name(file_name) for file_name in file_names]
-  first_source = {}
-  for name, file_name in zip(names, file_names):
-    if name in first_source:
-      raise ValueError(
-          f"file names {first_source[name]!r} and {file_name!r} both map to "
-          f"panel {name!r}."
-      )
-    first_source[name] = file_name
+  names = distinct_png_names(
+      [panel_file_name(file_name)[:-len(".png")] for file_name in file_names])
 
   output_dir = pathlib.Path(output_dir)
   paths = []

@@ -81,6 +81,13 @@ def test_get_builder_uses_config(tmp_path):
   assert not builder.is_prepared()
 
 
+def test_get_builder_expands_home(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  builder = input_pipeline.get_builder(_data_config("", "~/data"))
+
+  assert str(builder.data_dir).startswith(str(tmp_path / "data"))
+
+
 def _stale_copy_warnings(caplog):
   """Returns the logged warnings about a copy built from another manual_dir."""
   return [

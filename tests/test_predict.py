@@ -435,7 +435,20 @@ def test_predict_stale_threshold(workdir, photos, tmp_path):
   record["checkpoint_step"] = 0
   path.write_text(json.dumps(record))
 
-  with pytest.raises(ValueError, match="latest checkpoint is at step 1"):
+  with pytest.raises(ValueError, match=r"latest checkpoint \(step 1\)"):
+    run_lib.predict(str(copy), str(photos), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_predict_threshold_of_other_params(workdir, photos, tmp_path):
+  copy = _copy_workdir(workdir, tmp_path)
+  path = copy / CATEGORY / threshold.FILE_NAME
+  record = _read_json(path)
+  # Same step, other params: a retrained model that reached the same step.
+  record["params_fingerprint"] = "00000000"
+  path.write_text(json.dumps(record))
+
+  with pytest.raises(ValueError, match="fingerprint 00000000"):
     run_lib.predict(str(copy), str(photos), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
 
@@ -534,3 +547,26 @@ def test_cli_other_mode_requires_config():
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert completed.returncode == 1
   assert "error: --config is required by --mode=evaluate" in completed.stderr
+
+
+def test_predict_existing_heatmaps_kept(workdir, photos, tmp_path):
+  heatmap_dir = tmp_path / "out" / predict.HEATMAP_DIR
+  heatmap_dir.mkdir(parents=True)
+  (heatmap_dir / "a.png").write_bytes(b"earlier overlay")
+
+  with pytest.raises(ValueError, match="earlier run") as error:
+    run_lib.predict(str(workdir), str(photos), str(tmp_path / "out"))
+
+  assert str(heatmap_dir) in str(error.value)
+  assert (heatmap_dir / "a.png").read_bytes() == b"earlier overlay"
+
+
+def test_predict_empty_output(workdir, photos):
+  with pytest.raises(ValueError, match="--output is empty"):
+    run_lib.predict(str(workdir), str(photos), "")
+
+
+def test_predict_category_folder_as_workdir(workdir, photos):
+  with pytest.raises(ValueError, match="folder of one category") as error:
+    run_lib.predict(str(workdir / CATEGORY), str(photos))
+  assert f"--workdir={workdir} --category={CATEGORY}" in str(error.value)

@@ -295,6 +295,7 @@ def test_evaluate_mode_without_checkpoint(data_dir, tmp_path):
   message = str(error.value)
   assert str(workdir / CATEGORY / "checkpoints") in message
   assert "--mode=" in message
+  assert not workdir.exists()
 
 
 def test_other_widths_without_saved_config(cli_workdir, data_dir, tmp_path):
@@ -336,11 +337,11 @@ def test_failed_data_check_leaves_no_workdir(tmp_path):
   config = mvtec.get_config("bottle")
   config.data.manual_dir = str(tmp_path / "missing")
   config.data.data_dir = str(tmp_path / "tfds")
-  workdir = tmp_path / "new_workdir"
+  workdir = tmp_path / "new" / "nested" / "workdir"
 
   with pytest.raises(ValueError, match="missing"):
     run_lib.run(config, str(workdir), "train")
-  assert not workdir.exists()
+  assert not (tmp_path / "new").exists()
 
 
 def test_unfinished_training_warns(tmp_path, caplog):
@@ -432,3 +433,22 @@ def test_cli_unknown_config_field(tmp_path):
   assert "Traceback" not in completed.stderr
   assert "error: invalid --config override" in completed.stderr
   assert 'Did you mean "num_epochs"' in completed.stderr
+
+
+def test_metrics_entry_without_numbers_named(cli_workdir, data_dir, tmp_path):
+  workdir = _copy_workdir(cli_workdir, tmp_path, "workdir")
+  (workdir / "metrics.json").write_text('{"brick": {"image_auroc": 0.5}}')
+  before = _snapshot(workdir)
+
+  with pytest.raises(ValueError, match="'brick' lacks the numbers pixel_auroc"):
+    run_lib.run(_config(data_dir), str(workdir), "evaluate")
+  assert _snapshot(workdir) == before
+
+
+def test_finished_training_keeps_config_file(cli_workdir, data_dir, tmp_path):
+  workdir = _copy_workdir(cli_workdir, tmp_path, "workdir")
+  before = _snapshot(workdir)
+
+  run_lib.run(_config(data_dir, seed=3), str(workdir), "train")
+
+  assert _snapshot(workdir) == before

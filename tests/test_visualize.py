@@ -297,15 +297,17 @@ def test_save_panels_without_scores(tmp_path):
   assert paths[0].is_file()
 
 
-def test_save_panels_rejects_name_collision(tmp_path):
+def test_save_panels_numbers_name_collision(tmp_path):
   image, mask, heatmap = _sample()
 
-  with pytest.raises(ValueError, match="both map to panel 'a_b_c.png'"):
-    visualize.save_panels(
-        tmp_path, [image] * 2, [mask] * 2, [heatmap] * 2,
-        ["a_b/c.png", "a/b_c.png"], None, 0.0, 1.0,
-    )
-  assert not list(tmp_path.iterdir())
+  paths = visualize.save_panels(
+      tmp_path, [image] * 3, [mask] * 3, [heatmap] * 3,
+      ["a_b/c.png", "a/b_c.png", "test/ok/000.bmp"], None, 0.0, 1.0,
+  )
+
+  assert [path.name for path in paths] == [
+      "a_b_c.png", "a_b_c_2.png", "test_ok_000.png"]
+  assert all(path.is_file() for path in paths)
 
 
 def test_save_panels_rejects_length_mismatch(tmp_path):
