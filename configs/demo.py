@@ -13,14 +13,17 @@ data set:
 * training stops after 20 epochs (200 steps of 16 images). To get far in so
   few steps, the learning rate is 1e-3 instead of 1e-4, warmed up linearly
   over 20 steps and then decayed to 0 on a cosine;
-* scoring perturbs at t = 0.1 (sigma = 0.37) instead of 1e-3 (sigma = 0.03),
-  averages 8 noise draws instead of 3 and smooths with a 61-pixel mean filter
-  instead of 31 (at 256 px). The demo's defects cover a larger part of the
-  image than MVTec AD's, and the larger noise hides the fine texture of grass
-  and gravel, so that a model trained this briefly tells defects apart from
-  normal variation of the texture.
+* scoring perturbs at t = 0.05 (sigma = 0.24) instead of 1e-3
+  (sigma = 0.03), averages 8 noise draws instead of 3 and smooths with a
+  61-pixel mean filter instead of 31 (at 256 px). The demo's defects cover a
+  larger part of the image than MVTec AD's, and the larger noise hides the
+  fine texture of grass and gravel, so that a model trained this briefly
+  tells defects apart from normal variation of the texture.
 
 README.md ("Measured results") has the figures behind each choice.
+
+NOTE: on grass the image AUROC of this recipe still depends on the seed
+(0.74 to 0.87 over seeds 0 to 2), and seeds 1 and 2 miss the 0.80 floor.
 """
 
 from configs import base
@@ -34,7 +37,7 @@ CPU_RECIPE_OVERRIDES = {
     "training.learning_rate": 1e-3,
     "training.warmup_steps": 20,
     "training.lr_schedule": "cosine",
-    "eval.noise_levels": (0.1,),
+    "eval.noise_levels": (0.05,),
     "eval.num_draws": 8,
     "eval.filter_size": 61,
 }
