@@ -120,13 +120,12 @@ def validate_config(config) -> None:
   require(config.training.lr_schedule in ("piecewise", "cosine"),
           f"training.lr_schedule={config.training.lr_schedule!r} must be "
           "'piecewise' or 'cosine'.")
-  for field in ("training.learning_rate", "training.weight_decay"):
-    value = _lookup(config, field)
-    require(_is_number(value, (int, float)) and value >= 0,
-            f"{field}={value!r} must be a number >= 0.")
   require(config.training.learning_rate > 0,
           f"training.learning_rate={config.training.learning_rate!r} must be "
           "> 0.")
+  require(config.training.weight_decay >= 0,
+          f"training.weight_decay={config.training.weight_decay!r} must be "
+          ">= 0.")
   require(config.training.warmup_steps >= 0,
           f"training.warmup_steps={config.training.warmup_steps} must be "
           ">= 0.")
@@ -213,9 +212,7 @@ def _latest_step(category_dir: str) -> int:
 
 
 def _has_checkpoint(category_dir: str) -> bool:
-  directory = _checkpoint_dir(category_dir)
-  return os.path.isdir(directory) and any(
-      name.isdigit() for name in os.listdir(directory))
+  return _latest_step(category_dir) > 0
 
 
 def _require_checkpoint(category_dir: str) -> None:

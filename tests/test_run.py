@@ -411,6 +411,9 @@ def test_resolve_categories_unknown(data_dir):
     ("eval.noise_levels", (0.0,)),
     ("training.t_max", 2.0),
     ("training.num_epochs", 0),
+    ("training.learning_rate", -1.0),
+    ("training.warmup_steps", -1),
+    ("model.dtype", "float16"),
 ])
 def test_validate_config_names_field(field, value, tmp_path):
   config = _config(tmp_path)
