@@ -18,12 +18,12 @@ data set:
   61-pixel mean filter instead of 31 (at 256 px). The demo's defects cover a
   larger part of the image than MVTec AD's, and the larger noise hides the
   fine texture of grass and gravel, so that a model trained this briefly
-  tells defects apart from normal variation of the texture.
+  distinguishes defects from normal variation of the texture.
 
 README.md ("Measured results") has the figures behind each choice.
 
-NOTE: on grass the image AUROC of this recipe still depends on the seed
-(0.74 to 0.87 over seeds 0 to 2), and seeds 1 and 2 miss the 0.80 floor.
+NOTE: on grass the image AUROC of this recipe still depends on the random
+seed: 0.74 to 0.87 over the three seeds in README.md, two of them below 0.80.
 """
 
 from configs import base

@@ -243,7 +243,7 @@ def _restore_for_evaluation(config, category_dir: str):
 
 
 def _warn_if_unfinished(category_dir: str, step: int) -> None:
-  """Logs a warning if train_stats.json says training stopped early."""
+  """Logs a warning if train_stats.json shows that training stopped early."""
   stats_path = os.path.join(category_dir, "train_stats.json")
   if not os.path.exists(stats_path):
     return
@@ -409,7 +409,7 @@ def _read_metrics(path: str) -> dict:
         "whose results are merged with the new ones.") from error
   if not isinstance(metrics, dict):
     raise ValueError(
-        f"{path} holds a {type(metrics).__name__}, expected a JSON object "
+        f"{path} contains a {type(metrics).__name__}, expected a JSON object "
         "{category: metrics}. Repair or move away this file.")
   for category, entry in metrics.items():
     missing = [key for key, _ in METRIC_COLUMNS
@@ -546,7 +546,7 @@ def predict(workdir: str, images: str, output_dir: str | None = None,
   heatmap_dir = os.path.join(output_dir, predict_lib.HEATMAP_DIR)
   if os.path.isdir(heatmap_dir) and os.listdir(heatmap_dir):
     raise ValueError(
-        f"{heatmap_dir} already holds files of an earlier run, which are "
+        f"{heatmap_dir} already contains files of an earlier run, which are "
         "kept. Pass another folder with --output, or move that folder away.")
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise ValueError(
