@@ -74,7 +74,7 @@ def _mismatch_error(path: str, detail: str) -> ValueError:
 def _check_shapes(restored, template, path: str) -> None:
   """Raises ValueError at the first leaf whose shape differs from template.
 
-  Orbax restores the saved shapes even when the target asks for others.
+  Orbax restores the saved shapes even when the target gives others.
   """
   restored_leaves = jax.tree_util.tree_leaves_with_path(restored)
   template_leaves = jax.tree_util.tree_leaves(template)

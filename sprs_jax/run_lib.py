@@ -392,6 +392,19 @@ def run(config, workdir: str, mode: str) -> dict:
   return results
 
 
+def _load_json(path: str, description: str, fix: str):
+  """Returns the JSON content of path, or raises ValueError naming it.
+
+  The message reads "Failed to read <description><path>: <error>. <fix>".
+  """
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise ValueError(
+        f"Failed to read {description}{path}: {error}. {fix}") from error
+
+
 def _read_metrics(path: str) -> dict:
   """Returns the metrics.json at path ({} if missing).
 
@@ -400,13 +413,9 @@ def _read_metrics(path: str) -> dict:
   """
   if not os.path.exists(path):
     return {}
-  try:
-    with open(path) as f:
-      metrics = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise ValueError(
-        f"Failed to read {path}: {error}. Repair or move away this file, "
-        "whose results are merged with the new ones.") from error
+  metrics = _load_json(
+      path, "", "Repair or move away this file, whose results are merged "
+      "with the new ones.")
   if not isinstance(metrics, dict):
     raise ValueError(
         f"{path} contains a {type(metrics).__name__}, expected a JSON object "
@@ -470,13 +479,9 @@ def select_category(workdir: str, category: str | None) -> str:
 def load_saved_config(category_dir: str) -> ml_collections.ConfigDict:
   """Returns the config stored in <category_dir>/config.json."""
   path = os.path.join(category_dir, "config.json")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise ValueError(
-        f"Failed to read the training config {path}: {error}. Train the "
-        "category again with --mode=train_and_evaluate.") from error
+  saved = _load_json(
+      path, "the training config ",
+      "Train the category again with --mode=train_and_evaluate.")
   return ml_collections.ConfigDict(saved)
 
 
