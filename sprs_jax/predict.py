@@ -219,6 +219,38 @@ def _write_csv_atomically(path: str, rows: list[dict]) -> None:
   os.replace(temporary, path)
 
 
+def device_batch_size(config) -> int:
+  """Returns eval.batch_size rounded up to a multiple of the local devices."""
+  num_devices = jax.local_device_count()
+  return math.ceil(config.eval.batch_size / num_devices) * num_devices
+
+
+def score_photos(config, score_batch, photos: list[np.ndarray],
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Scores 1 to batch_size uint8 photos [H, W, 3] of any sizes as one batch.
+
+  Each photo is resized to data.image_size, and the batch is padded to
+  batch_size by repeating its last photo, so `score_batch` (from
+  `evaluate.make_device_scorer`) always gets one shape and compiles once.
+  The noise of each photo comes from `evaluate.image_noise_keys` of its
+  resized pixels.
+
+  Returns:
+    (heat maps float32 [len(photos), S, S], image scores float32
+    [len(photos)]) with S = eval.heatmap_size.
+  """
+  image_size = config.data.image_size
+  resized = np.stack(
+      [input_pipeline.resize_image(photo, image_size) for photo in photos])
+  padding = batch_size - len(photos)
+  resized = np.concatenate([resized, np.repeat(resized[-1:], padding, 0)])
+
+  heatmaps, scores = score_batch(
+      input_pipeline.to_model_range(resized),
+      evaluate_lib.image_noise_keys(config.seed, resized))
+  return heatmaps[:len(photos)], scores[:len(photos)]
+
+
 def write_predictions(config, params, paths: list[str], record: dict,
                       output_dir: str) -> Summary:
   """Scores the photos and writes predictions.csv and one overlay per photo.
@@ -242,27 +274,17 @@ def write_predictions(config, params, paths: list[str], record: dict,
   # A constant test split would give vmax == vmin, which has no colour scale.
   vmax = max(float(record["heatmap_max"]), float(np.nextafter(vmin, np.inf)))
 
-  num_devices = jax.local_device_count()
-  batch_size = math.ceil(config.eval.batch_size / num_devices) * num_devices
+  batch_size = device_batch_size(config)
   score_batch = evaluate_lib.make_device_scorer(config, params)
-  image_size = config.data.image_size
 
   rows = []
   start = time.perf_counter()
   for first in range(0, len(paths), batch_size):
     batch_paths = paths[first:first + batch_size]
     photos = [load_image(path) for path in batch_paths]
-    resized = np.stack(
-        [input_pipeline.resize_image(photo, image_size) for photo in photos])
-    padding = batch_size - len(photos)
-    resized = np.concatenate([resized, np.repeat(resized[-1:], padding, 0)])
-
-    heatmaps, scores = score_batch(
-        input_pipeline.to_model_range(resized),
-        evaluate_lib.image_noise_keys(config.seed, resized))
+    heatmaps, scores = score_photos(config, score_batch, photos, batch_size)
     normalized = threshold_lib.normalize(
-        scores[:len(photos)], threshold, record["score_min"],
-        record["score_max"])
+        scores, threshold, record["score_min"], record["score_max"])
 
     for index, path in enumerate(batch_paths):
       name = names[first + index]

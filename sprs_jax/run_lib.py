@@ -224,8 +224,12 @@ def _require_checkpoint(category_dir: str) -> None:
         "--mode=train_and_evaluate (or --mode=train) and the same --workdir.")
 
 
-def _restore_for_evaluation(config, category_dir: str):
-  """Returns (EMA params, step) of the latest checkpoint in category_dir."""
+def restore_for_evaluation(config, category_dir: str):
+  """Returns (EMA params, step) of the latest checkpoint in category_dir.
+
+  Raises:
+    FileNotFoundError: if category_dir has no checkpoint.
+  """
   _require_checkpoint(category_dir)
   checkpointer = checkpoint.Checkpointer(_checkpoint_dir(category_dir))
   try:
@@ -293,7 +297,7 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
   if mode == "train":
     return None
   if params is None:
-    params, step = _restore_for_evaluation(config, category_dir)
+    params, step = restore_for_evaluation(config, category_dir)
 
   results = evaluate_lib.evaluate(
       config, category_dir, params,
@@ -485,6 +489,40 @@ def load_saved_config(category_dir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(saved)
 
 
+def apply_threshold_scoring(config, record: dict, category_dir: str) -> None:
+  """Sets the scoring fields of config to those the threshold was chosen with.
+
+  Photos are then scored with the same settings as the test split in
+  evaluation, so their scores are comparable with the threshold.
+
+  Raises:
+    ValueError: if the record's scoring fields do not fit the config.
+  """
+  try:
+    config.update_from_flattened_dict(record["scoring"])
+  except (KeyError, TypeError, ValueError) as error:
+    raise ValueError(
+        f"The scoring fields of {os.path.join(category_dir, 'threshold.json')} "
+        f"do not fit the config ({error}). Run --mode=evaluate with the "
+        "category's --config and this --workdir to write them again.") from error
+
+
+def check_threshold_params(record: dict, params, step: int,
+                           category_dir: str) -> None:
+  """Raises ValueError unless the threshold was chosen for these params.
+
+  Both the checkpoint step and the params fingerprint must match the record.
+  """
+  if (step != record["checkpoint_step"] or threshold_lib.params_fingerprint(
+      params) != record["params_fingerprint"]):
+    raise ValueError(
+        f"The threshold in {category_dir} was chosen for other params (the "
+        f"checkpoint at step {record['checkpoint_step']}, fingerprint "
+        f"{record['params_fingerprint']}) than the latest checkpoint (step "
+        f"{step}). Run --mode=evaluate with the category's --config and this "
+        "--workdir to choose it again.")
+
+
 def _check_output_dir(output_dir: str) -> None:
   """Creates output_dir/heatmaps and checks that files can be written there."""
   try:
@@ -527,14 +565,7 @@ def predict(workdir: str, images: str, output_dir: str | None = None,
   category_dir = os.path.join(workdir, category)
   config = load_saved_config(category_dir)
   record = threshold_lib.load(category_dir)
-  # Photos are scored with the settings the threshold was chosen with.
-  try:
-    config.update_from_flattened_dict(record["scoring"])
-  except (KeyError, TypeError, ValueError) as error:
-    raise ValueError(
-        f"The scoring fields of {os.path.join(category_dir, 'threshold.json')} "
-        f"do not fit the config ({error}). Run --mode=evaluate with the "
-        "category's --config and this --workdir to write them again.") from error
+  apply_threshold_scoring(config, record, category_dir)
   _require_checkpoint(category_dir)
 
   if output_dir is None:
@@ -559,15 +590,8 @@ def predict(workdir: str, images: str, output_dir: str | None = None,
 
   paths = predict_lib.find_images(images)
   predict_lib.check_images(paths)
-  params, step = _restore_for_evaluation(config, category_dir)
-  if (step != record["checkpoint_step"] or threshold_lib.params_fingerprint(
-      params) != record["params_fingerprint"]):
-    raise ValueError(
-        f"The threshold in {category_dir} was chosen for other params (the "
-        f"checkpoint at step {record['checkpoint_step']}, fingerprint "
-        f"{record['params_fingerprint']}) than the latest checkpoint (step "
-        f"{step}). Run --mode=evaluate with the category's --config and this "
-        "--workdir to choose it again.")
+  params, step = restore_for_evaluation(config, category_dir)
+  check_threshold_params(record, params, step, category_dir)
   _check_output_dir(output_dir)
   logging.info("Scoring %d images with category %s of %s.", len(paths),
                category, workdir)
