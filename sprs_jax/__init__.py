@@ -6,3 +6,14 @@ model is asked to undo it. Pixels the model cannot restore are anomalous.
 """
 
 __version__ = "0.1.0"
+
+# `load`, `Detector` and `Predictions` come from sprs_jax.api, imported on
+# first use, so that `import sprs_jax` does not import Flax or TensorFlow.
+_API_NAMES = ("load", "Detector", "Predictions")
+
+
+def __getattr__(name):
+  if name in _API_NAMES:
+    import importlib
+    return getattr(importlib.import_module("sprs_jax.api"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
