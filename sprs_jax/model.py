@@ -20,6 +20,18 @@ def swish(x):
   return x * jax.nn.sigmoid(x)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """Returns the 2x2, stride 2 max of [B, H, W, C]; odd trailing rows are dropped.
+
+  A reshape and a max instead of a reduce-window: XLA on CPU differentiates
+  the reshape form with a cheap mask where the window form needs a scatter.
+  """
+  batch, height, width, channels = x.shape
+  x = x[:, :height // 2 * 2, :width // 2 * 2, :]
+  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return jnp.max(x, axis=(2, 4))
+
+
 def _align_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
   """Returns the [size_out, size_in] bilinear interpolation matrix.
 
@@ -72,6 +84,41 @@ class GaussianFourierProjection(nn.Module):
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm over [B, H, W, C] with per-channel scale and bias.
+
+  Matches flax.linen.GroupNorm (and PyTorch's nn.GroupNorm) with the same
+  param names. The statistics are summed per channel over H and W first and
+  only then over the channels of a group, which XLA on CPU reduces about
+  three times faster than the grouped reshape. Statistics are float32.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    group_size = channels // self.num_groups
+    scale = self.param("scale", nn.initializers.ones, (channels,))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+
+    x32 = x.astype(jnp.float32)
+    count = height * width * group_size
+    sums = jnp.sum(x32, axis=(1, 2)).reshape(batch, self.num_groups, -1)
+    squares = jnp.sum(jnp.square(x32), axis=(1, 2)).reshape(
+        batch, self.num_groups, -1)
+    mean = jnp.sum(sums, axis=-1) / count
+    variance = jnp.maximum(jnp.sum(squares, axis=-1) / count - mean**2, 0.0)
+    inverse_std = jax.lax.rsqrt(variance + self.epsilon)
+
+    # y = x * multiplier + offset, per example and channel.
+    multiplier = jnp.repeat(inverse_std, group_size, axis=1) * scale
+    offset = bias - jnp.repeat(mean, group_size, axis=1) * multiplier
+    y = x32 * multiplier[:, None, None, :] + offset[:, None, None, :]
+    return y.astype(self.dtype)
+
+
 class DoubleConv(nn.Module):
   """Two [3x3 conv, GroupNorm, swish] layers; the first outputs mid channels."""
   features: int
@@ -85,8 +132,7 @@ class DoubleConv(nn.Module):
     for index, features in enumerate((mid_features, self.features)):
       x = nn.Conv(features, (3, 3), padding=1, dtype=self.dtype,
                   name=f"conv{index}")(x)
-      x = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5,
-                       dtype=self.dtype, name=f"norm{index}")(x)
+      x = GroupNorm(self.num_groups, 1e-5, self.dtype, name=f"norm{index}")(x)
       x = swish(x)
     return x
 
@@ -144,7 +190,7 @@ class UNet(nn.Module):
     h = h + time_dense(self.widths[0], "dense_in")(embed)
     skips = [h]
     for level in range(1, num_levels):
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      h = max_pool_2x2(h)
       h = double_conv(self.widths[level], None, f"down{level}")(h)
       h = h + time_dense(self.widths[level], f"dense_d{level}")(embed)
       skips.append(h)

@@ -82,3 +82,40 @@ def test_upsample_of_one_pixel_repeats_it():
   x = jnp.full((1, 1, 1, 2), 5.0)
   np.testing.assert_allclose(model_lib.upsample2x_align_corners(x),
                              jnp.full((1, 2, 2, 2), 5.0))
+
+
+def test_group_norm_matches_flax_values_and_gradients():
+  import flax.linen as nn
+  x = 3.0 * jax.random.normal(jax.random.key(0), (2, 5, 6, 16)) + 1.5
+  ours = model_lib.GroupNorm(num_groups=4)
+  reference = nn.GroupNorm(num_groups=4, epsilon=1e-5)
+  params = {"params": {
+      "scale": jax.random.normal(jax.random.key(1), (16,)),
+      "bias": jax.random.normal(jax.random.key(2), (16,))}}
+  assert (jax.tree_util.tree_structure(ours.init(jax.random.key(3), x)) ==
+          jax.tree_util.tree_structure(params))
+  weights = jax.random.normal(jax.random.key(4), x.shape)
+  loss = lambda module: lambda p, x: jnp.sum(
+      model_lib.swish(module.apply(p, x)) * weights)
+
+  np.testing.assert_allclose(ours.apply(params, x),
+                             reference.apply(params, x), atol=1e-5)
+  for ours_grad, reference_grad in zip(
+      jax.tree_util.tree_leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+      jax.tree_util.tree_leaves(jax.grad(loss(reference), (0, 1))(params, x))):
+    np.testing.assert_allclose(ours_grad, reference_grad, atol=1e-4,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 3), (1, 7, 5, 2)])
+def test_max_pool_matches_flax_window_pool(shape):
+  import flax.linen as nn
+  # Odd sizes drop the last row or column, as PyTorch's MaxPool2d(2) does.
+  x = jax.random.normal(jax.random.key(0), shape)
+  np.testing.assert_array_equal(
+      model_lib.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  weights = jax.random.normal(jax.random.key(1), model_lib.max_pool_2x2(x).shape)
+  np.testing.assert_array_equal(
+      jax.grad(lambda x: jnp.sum(model_lib.max_pool_2x2(x) * weights))(x),
+      jax.grad(lambda x: jnp.sum(
+          nn.max_pool(x, (2, 2), strides=(2, 2)) * weights))(x))

@@ -34,15 +34,15 @@ def _loop_reference(images, keys, noise_levels, num_draws):
   return jnp.stack(maps)
 
 
-def test_vmapped_maps_equal_loop_over_levels_and_draws():
+def test_maps_equal_loop_over_levels_and_draws():
   images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3), minval=-1)
   keys = jax.random.split(jax.random.key(1), 3)
   levels = (1e-3, 1e-2, 0.1)
-  vmapped = scoring.resilience_maps(_toy_score_fn, images, keys, levels, 2,
-                                    25.0)
+  maps = scoring.resilience_maps(_toy_score_fn, images, keys, levels, 2,
+                                 25.0)
   looped = _loop_reference(images, keys, levels, 2)
-  assert vmapped.shape == (3, 8, 8)
-  np.testing.assert_allclose(vmapped, looped, rtol=1e-5, atol=1e-6)
+  assert maps.shape == (3, 8, 8)
+  np.testing.assert_allclose(maps, looped, rtol=1e-5, atol=1e-6)
 
 
 def test_maps_do_not_depend_on_batching():
@@ -95,3 +95,38 @@ def test_make_score_batch_rejects_bad_noise_levels():
   config.num_draws = 0
   with pytest.raises(ValueError, match="eval.num_draws=0"):
     scoring.make_score_batch(None, config, 25.0)
+
+
+@pytest.mark.parametrize("size_in", [8, 12, 40, 7])
+def test_bilinear_matrix_matches_jax_image_resize(size_in):
+  # Upsampling, downsampling and an odd size, against the generic resize.
+  maps = jax.random.uniform(jax.random.key(0), (2, size_in, size_in))
+  rows = scoring.bilinear_matrix(size_in, 24)
+  resized = jnp.einsum("oh,bhw->bow", rows, maps)
+  resized = jnp.einsum("pw,bow->bop", rows, resized)
+  expected = jax.image.resize(maps, (2, 24, 24), "bilinear", antialias=False)
+  np.testing.assert_allclose(resized, expected, atol=1e-5)
+
+
+def test_one_pass_at_a_time_equals_all_passes_batched():
+  # The loop over (level, draw) passes must equal one batched forward of
+  # every pass, which is how the maps were computed before.
+  images = jax.random.uniform(jax.random.key(2), (2, 8, 8, 3), minval=-1)
+  keys = jax.random.split(jax.random.key(3), 2)
+  levels, draws = (1e-3, 0.05), 2
+  maps = scoring.resilience_maps(_toy_score_fn, images, keys, levels, draws,
+                                 25.0)
+  stds = sde.marginal_std(jnp.asarray(levels))
+  noise = jax.vmap(lambda key: jax.vmap(
+      lambda k: jax.random.normal(k, images.shape[1:]))(
+          jax.random.split(key, len(levels) * draws)))(keys)
+  noise = noise.reshape((2, len(levels), draws) + images.shape[1:])
+  noise = noise * stds[None, :, None, None, None, None]
+  batched = images[:, None, None] + noise
+  times = jnp.broadcast_to(jnp.asarray(levels)[None, :, None], (2, 2, 2))
+  scores = _toy_score_fn(batched.reshape((-1,) + images.shape[1:]),
+                         times.reshape(-1)).reshape(batched.shape)
+  errors = jnp.square(scores * stds[None, :, None, None, None, None]**2
+                      + noise).mean(-1)
+  expected = (errors / stds[None, :, None, None, None]**2).mean(axis=(1, 2))
+  np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
