@@ -184,10 +184,10 @@ def measure_train(config, steps: int, warmup: int) -> dict:
 def measure_score(config, steps: int, warmup: int) -> dict:
   """Times evaluation's scorer on random images, results back on the host."""
   import jax
+  import jax.numpy as jnp
   import numpy as np
   from sprs_jax import evaluate
   from sprs_jax import model as model_lib
-  from sprs_jax import train
 
   batch = config.eval.batch_size
   size = config.data.image_size
@@ -196,9 +196,10 @@ def measure_score(config, steps: int, warmup: int) -> dict:
     raise ValueError(f"--config.eval.batch_size={batch} must be divisible "
                      f"by the {num_devices} local devices.")
   model = model_lib.create_model(config.model, config.sde.sigma_max)
-  optimizer = train.create_optimizer(config.training, 1)
-  params = train.create_train_state(jax.random.key(config.seed), model,
-                                    optimizer, size).ema_params
+  # Params only: scoring holds no optimizer state.
+  params = jax.jit(model.init)(
+      jax.random.key(config.seed), jnp.zeros((1, size, size, 3)),
+      jnp.ones((1,)))["params"]
   score = evaluate.make_device_scorer(config, params)
   pixels = np.random.default_rng(0).integers(
       0, 256, (batch, size, size, 3), dtype=np.uint8)
