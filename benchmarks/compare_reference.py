@@ -16,10 +16,9 @@ round of each side counts. The reference train step is their loss, AdamW
 their test loop: 3 draws at t = 1e-3, bilinear resize to 256 x 256 and a
 31 x 31 mean filter. Ours runs configs/mvtec.py with the same shapes.
 
-Prints a table of figures and ratios (ours / theirs; above 1 is faster or,
-for memory, larger) and, as the last line, one JSON object with train_ratio,
-scoring_ratio and memory_ratio (the larger of the train and scoring peak
-memory ratios).
+Prints a table of figures and ratios: ours / theirs, where above 1 is faster
+or, for memory, larger. The last line is one JSON object with train_ratio,
+scoring_ratio and memory_ratio, the larger of the two peak memory ratios.
 """
 
 import argparse
@@ -55,7 +54,7 @@ def _time_calls(run_once, steps: int, warmup: int):
 
 
 def _require_checkout(repo: str) -> None:
-  """Exits with a message unless `repo` holds the authors' unet package."""
+  """Exits with a message unless `repo` contains the authors' unet package."""
   package = os.path.join(repo, "unet", "unet_model.py")
   if not os.path.isfile(package):
     raise SystemExit(

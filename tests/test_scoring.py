@@ -108,9 +108,9 @@ def test_bilinear_matrix_matches_jax_image_resize(size_in):
   np.testing.assert_allclose(resized, expected, atol=1e-5)
 
 
-def test_one_pass_at_a_time_equals_all_passes_batched():
-  # The loop over (level, draw) passes must equal one batched forward of
-  # every pass, which is how the maps were computed before.
+def test_pass_loop_equals_batched_passes():
+  # The loop over (level, draw) passes equals one batched forward pass of
+  # all of them, the form it replaced.
   images = jax.random.uniform(jax.random.key(2), (2, 8, 8, 3), minval=-1)
   keys = jax.random.split(jax.random.key(3), 2)
   levels, draws = (1e-3, 0.05), 2
