@@ -9,15 +9,13 @@ Examples:
       --images='photos/*.jpg'
 """
 
-import logging as pylogging
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from sprs_jax import cli
 from sprs_jax import run_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,16 +46,6 @@ _CATEGORY = flags.DEFINE_string(
     "--mode=predict: the workdir's category to score with. Required when the "
     "workdir contains several categories.")
 _PREDICT_ONLY_FLAGS = (_IMAGES, _OUTPUT, _CATEGORY)
-
-
-class _QuietLibraryInfo(pylogging.Filter):
-  """Drops INFO records of Orbax and TFDS, which log every file operation."""
-
-  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
-
-  def filter(self, record):
-    noisy = any(part in record.pathname for part in self._NOISY)
-    return record.levelno > pylogging.INFO or not noisy
 
 
 def _check_flags(mode: str) -> None:
@@ -93,8 +81,7 @@ def _check_flags(mode: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+  cli.setup_logging()
   mode = _MODE.value
   try:
     _check_flags(mode)
@@ -107,34 +94,8 @@ def main(argv):
       workdir = _WORKDIR.value or os.path.join("workdirs", config.data.name)
       run_lib.run(config, os.path.expanduser(workdir), mode)
   except (ValueError, OSError, FloatingPointError) as error:
-    # User errors (bad data, config or workdir) end with their message alone;
-    # the traceback stays available at --verbosity=1.
-    logging.vlog(1, "Traceback of the error below:", exc_info=True)
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
-
-
-def parse_flags(argv):
-  """Parses the flags; a --config.* override of no field is a user error.
-
-  ml_collections raises AttributeError or KeyError while it applies such an
-  override, which absl would show as a traceback.
-  """
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    print(f"error: {error}\nPass --helpfull to list the flags.",
-          file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as error:
-    detail = " ".join(
-        str(error).replace("\\n", " ").replace("\\'", "").split())
-    overrides = [arg.split("=")[0] for arg in argv[1:]
-                 if arg.startswith("--config.")]
-    print(f"error: invalid --config override ({', '.join(overrides)}): "
-          f"{detail.strip(chr(39))}\nconfigs/base.py and README.md "
-          "(Configuration) list the fields.", file=sys.stderr)
-  sys.exit(1)
+    cli.exit_with_error(error)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

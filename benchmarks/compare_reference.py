@@ -25,32 +25,14 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
-import time
+
+import timing  # benchmarks/timing.py, next to this script
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _THROUGHPUT = _ROOT / "benchmarks" / "throughput.py"
-
-
-def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _time_calls(run_once, steps: int, warmup: int):
-  start = time.perf_counter()
-  run_once()
-  first = time.perf_counter() - start
-  for _ in range(warmup):
-    run_once()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    run_once()
-    times.append(time.perf_counter() - start)
-  return first, times
 
 
 def _require_checkout(repo: str) -> None:
@@ -126,12 +108,12 @@ def measure_reference(part: str, repo: str, image_size: int,
         heatmaps = F.avg_pool2d(heatmaps, 31, 1, padding=15).numpy()
       heatmaps.max(axis=(1, 2, 3))
 
-  first, times = _time_calls(run_once, steps, warmup)
+  first, times = timing.time_calls(run_once, steps, warmup)
   median = statistics.median(times)
   return {
       f"{part}_images_per_second": batch_size / median,
       f"{part}_compile_seconds": max(first - median, 0.0),
-      f"{part}_peak_rss_mib": _peak_rss_mib(),
+      f"{part}_peak_rss_mib": timing.peak_rss_mib(),
       "torch": torch.__version__,
       "torch_threads": torch.get_num_threads(),
   }

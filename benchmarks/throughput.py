@@ -26,21 +26,22 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 # The repository root, so that `configs` and `sprs_jax` import from anywhere.
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
 import sprs_jax  # noqa: E402  (sets XLA flags before JAX starts)
+from sprs_jax import cli  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+import timing  # noqa: E402  (benchmarks/timing.py, next to this script)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_ROOT / "configs" / "mvtec.py"),
@@ -76,33 +77,12 @@ _PEAK_TFLOPS_BY_KIND = {
 }
 
 
-def _peak_rss_mib() -> float:
-  """Peak resident memory of this process so far, MiB (Linux: KiB units)."""
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
-
-
 def _peak_device_mib(jax):
   stats = [device.memory_stats() or {} for device in jax.local_devices()]
   peaks = [s.get("peak_bytes_in_use") for s in stats]
   if not peaks or None in peaks:
     return None
   return max(peaks) / 2**20
-
-
-def _time_calls(run_once, steps: int, warmup: int):
-  """Returns (first call seconds, list of timed call seconds)."""
-  start = time.perf_counter()
-  run_once()
-  first = time.perf_counter() - start
-  for _ in range(warmup):
-    run_once()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    run_once()
-    times.append(time.perf_counter() - start)
-  return first, times
 
 
 def _summary(prefix, batch, first, times) -> dict:
@@ -169,14 +149,14 @@ def measure_train(config, steps: int, warmup: int) -> dict:
     holder["state"], metrics = train_step(holder["state"], images, rng)
     jax.block_until_ready(metrics)
 
-  first, times = _time_calls(run_once, steps, warmup)
+  first, times = timing.time_calls(run_once, steps, warmup)
   result = _summary("train", batch, first, times)
   result["num_params"] = num_params
   if flops:
     result["train_gflops_per_step"] = flops / 1e9
     result["train_tflops_per_second"] = flops / result[
         "train_step_seconds_median"] / 1e12
-  result["train_peak_rss_mib"] = _peak_rss_mib()
+  result["train_peak_rss_mib"] = timing.peak_rss_mib()
   result["train_peak_device_mib"] = _peak_device_mib(jax)
   return result
 
@@ -210,9 +190,9 @@ def measure_score(config, steps: int, warmup: int) -> dict:
     heatmaps, scores = score(images, keys)
     assert heatmaps.shape[0] == scores.shape[0] == batch
 
-  first, times = _time_calls(run_once, steps, warmup)
+  first, times = timing.time_calls(run_once, steps, warmup)
   result = _summary("score", batch, first, times)
-  result["score_peak_rss_mib"] = _peak_rss_mib()
+  result["score_peak_rss_mib"] = timing.peak_rss_mib()
   result["score_peak_device_mib"] = _peak_device_mib(jax)
   return result
 
@@ -289,10 +269,12 @@ def main(argv):
   config = _CONFIG.value
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError("--steps must be >= 1 and --warmup >= 0.")
-  if _PART.value == "train":
-    result = measure_train(config, _STEPS.value, _WARMUP.value)
-  elif _PART.value == "score":
-    result = measure_score(config, _STEPS.value, _WARMUP.value)
+  if _PART.value in ("train", "score"):
+    measure = measure_train if _PART.value == "train" else measure_score
+    try:
+      result = measure(config, _STEPS.value, _WARMUP.value)
+    except ValueError as error:
+      cli.exit_with_error(error)
   else:
     result = describe_setup(config)
     result.update(_run_part_in_subprocess("train"))

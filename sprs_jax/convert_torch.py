@@ -34,13 +34,11 @@ PyTorch is needed only here, to read the file; `load_state_dict` imports it.
 
 import dataclasses
 import importlib
-import logging as pylogging
 import math
 import os
 import pathlib
 import pickle
 import shlex
-import sys
 from collections.abc import Mapping
 
 import jax
@@ -53,6 +51,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from sprs_jax import checkpoint
+from sprs_jax import cli
 from sprs_jax import input_pipeline
 from sprs_jax import model as model_lib
 from sprs_jax import run_lib
@@ -641,16 +640,6 @@ def next_commands(conversion: Conversion, config_spec: str,
   return [shlex.join(evaluate), shlex.join(predict)]
 
 
-class _QuietLibraryInfo(pylogging.Filter):
-  """Drops INFO records of Orbax and TFDS, which log every file operation."""
-
-  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
-
-  def filter(self, record):
-    noisy = any(part in record.pathname for part in self._NOISY)
-    return record.levelno > pylogging.INFO or not noisy
-
-
 def _define_flags():
   """Defines this tool's flags.
 
@@ -686,8 +675,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+  cli.setup_logging()
   flag_values = flags.FLAGS
   config = flag_values.config
   checkpoint_path = os.path.expanduser(flag_values.checkpoint)
@@ -696,9 +684,7 @@ def main(argv):
     conversion = convert(checkpoint_path, workdir, config,
                          flag_values.category, flag_values.state_dict_key)
   except (ValueError, OSError, ImportError) as error:
-    logging.vlog(1, "Traceback of the error below:", exc_info=True)
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(error)
 
   if config is None:
     config_spec = f"{DEFAULT_CONFIG_FILE}:{conversion.category}"
@@ -721,24 +707,6 @@ def main(argv):
                "new photos:\n  %s", commands[0], commands[1])
 
 
-def parse_flags(argv):
-  """Parses the flags, or prints the error of an invalid one and exits 1.
-
-  ml_collections raises AttributeError or KeyError for an override of a
-  field that does not exist, which absl would show as a traceback.
-  """
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    print(f"error: {error}\nPass --helpfull to list the flags.",
-          file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as error:
-    detail = " ".join(str(error).split())
-    print(f"error: invalid --config override: {detail}\nconfigs/base.py "
-          "lists the fields.", file=sys.stderr)
-  sys.exit(1)
-
-
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,70 @@
+"""Tests for the benchmark scripts, run as a user runs them, on a tiny model."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_TINY = [
+    "--config.data.image_size=16",
+    "--config.model.widths=(8, 16, 16)",
+    "--config.model.num_groups=4",
+    "--config.model.embed_dim=16",
+    "--config.training.batch_size=4",
+    "--config.eval.batch_size=4",
+    "--config.eval.heatmap_size=32",
+    "--config.eval.filter_size=5",
+]
+
+
+def test_throughput_prints_figures_of_both_parts():
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "throughput.py"),
+       "--steps=2", "--warmup=0"] + _TINY,
+      capture_output=True, text=True, check=False, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  lines = completed.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  assert result["image_size"] == 16
+  assert result["widths"] == [8, 16, 16]
+  assert result["backend"] == "cpu"
+  for key in ("train_images_per_second", "score_images_per_second",
+              "train_peak_rss_mib", "score_peak_rss_mib",
+              "train_gflops_per_step"):
+    assert result[key] > 0, key
+  assert result["train_compile_seconds"] >= 0
+  assert any(line.startswith("train images/s") for line in lines)
+
+
+def test_throughput_rejects_batch_not_divisible_by_devices():
+  # The tests run with two host devices (conftest.py), as the subprocess
+  # inherits XLA_FLAGS.
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "throughput.py"),
+       "--part=score", "--steps=1", "--warmup=0"] + _TINY + [
+           "--config.eval.batch_size=3"],
+      capture_output=True, text=True, check=False, timeout=600)
+  assert completed.returncode != 0
+  assert "--config.eval.batch_size=3 must be divisible" in completed.stderr
+
+
+def test_compare_reference_rejects_folder_without_unet(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "compare_reference.py"),
+       f"--reference-repo={tmp_path}"],
+      capture_output=True, text=True, check=False, timeout=120)
+  assert completed.returncode != 0
+  assert "unet_model.py does not exist" in completed.stderr
+
+
+@pytest.mark.parametrize("flag", ["--image-size=0", "--steps=0"])
+def test_compare_reference_rejects_invalid_sizes(flag):
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "compare_reference.py"),
+       "--reference-repo=.", flag],
+      capture_output=True, text=True, check=False, timeout=120)
+  assert completed.returncode == 2
+  assert "must be >= 1" in completed.stderr
