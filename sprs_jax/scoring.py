@@ -50,7 +50,7 @@ def resilience_maps(score_fn, images, example_keys, noise_levels,
     return total + jnp.mean(error, axis=-1) / std**2
 
   # One forward pass of the batch at a time keeps memory at one pass's
-  # activations; a vmapped batch of all passes runs no faster on CPU.
+  # activations. A vmapped batch of all passes ran no faster on CPU.
   total = jax.lax.fori_loop(0, num_passes, add_pass,
                             jnp.zeros(images.shape[:3], jnp.float32))
   return total / num_passes
