@@ -21,7 +21,7 @@ def swish(x):
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """Returns the 2x2, stride 2 max of [B, H, W, C]; odd trailing rows are dropped.
+  """Returns the 2x2, stride 2 max of [B, H, W, C], dropping odd last rows.
 
   A reshape and a max instead of a reduce-window: XLA on CPU differentiates
   the reshape form with a cheap mask where the window form needs a scatter.
