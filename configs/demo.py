@@ -22,8 +22,9 @@ data set:
 
 README.md ("Measured results") has the figures behind each choice.
 
-NOTE: on grass the image AUROC of this recipe still depends on the random
-seed: 0.74 to 0.87 over the three seeds in README.md, two of them below 0.80.
+NOTE: on grass the image AUROC of this recipe still depends on the training
+trajectory: 0.74 to 0.87 over the four runs in README.md (seeds, and a
+change of convolution kernels), three of them below 0.80.
 """
 
 from configs import base
