@@ -42,7 +42,7 @@ def _require_checkout(repo: str) -> None:
     raise SystemExit(
         f"error: {package} does not exist. --reference-repo must be a "
         "checkout of github.com/Lee-JongHyeon/Anomaly-Detection-using-Score-"
-        "based-Perturbation-Resilience (the folder that holds unet/).")
+        "based-Perturbation-Resilience (the folder that contains unet/).")
 
 
 def _import_reference(repo: str):

@@ -15,7 +15,7 @@ Examples:
 Figures:
   train_images_per_second   global batch x steps / wall time of the steps
   score_images_per_second   images scored per second, heat maps on the host
-  *_compile_seconds         first call minus one steady call
+  *_compile_seconds         first call minus the median timed call
   *_peak_rss_mib            peak resident memory of the part's process
   *_peak_device_mib         peak accelerator memory (GPU/TPU only)
   train_tflops_per_second   XLA's FLOP count of one step / median step time
@@ -176,7 +176,7 @@ def measure_score(config, steps: int, warmup: int) -> dict:
     raise ValueError(f"--config.eval.batch_size={batch} must be divisible "
                      f"by the {num_devices} local devices.")
   model = model_lib.create_model(config.model, config.sde.sigma_max)
-  # Params only: scoring holds no optimizer state.
+  # Params only, because scoring needs no optimizer state.
   params = jax.jit(model.init)(
       jax.random.key(config.seed), jnp.zeros((1, size, size, 3)),
       jnp.ones((1,)))["params"]

@@ -32,8 +32,8 @@ def setup_logging() -> None:
 def exit_with_error(error: Exception) -> None:
   """Prints `error: <message>` and exits 1; --verbosity=1 logs the traceback.
 
-  For user errors (bad data, config, files or workdir), whose message says
-  what to fix.
+  For user errors (bad data, config, files or workdir), whose message
+  states the fix.
   """
   logging.vlog(1, "Traceback of the error below:", exc_info=True)
   print(f"error: {error}", file=sys.stderr)
