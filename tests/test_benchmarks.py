@@ -68,3 +68,37 @@ def test_compare_reference_rejects_invalid_sizes(flag):
       capture_output=True, text=True, check=False, timeout=120)
   assert completed.returncode == 2
   assert "must be >= 1" in completed.stderr
+
+
+def test_compare_layers_times_every_conv_of_the_unet():
+  pytest.importorskip("torch")
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "compare_layers.py"),
+       "--image-size=8", "--widths=8,16", "--num-groups=4", "--batch-size=2",
+       "--steps=1", "--warmup=0", "--rounds=1"],
+      capture_output=True, text=True, check=False, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  lines = completed.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  names = [layer["name"] for layer in result["layers"]]
+  assert names == ["inc.conv0", "inc.conv1", "down1.conv0", "down1.conv1",
+                   "up1.conv0", "up1.conv1"]
+  assert result["layers"][4]["in_channels"] == 24
+  assert result["layers"][4]["out_channels"] == 12
+  for key in ("conv_ratio", "norm_ratio", "total_ratio", "jax_conv_ms",
+              "torch_norm_ms"):
+    assert result[key] > 0, key
+  assert lines[-2].startswith("sum")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size=10", "--widths=8,16,16"], "must be divisible by 4"),
+    (["--widths=8,12", "--num-groups=8"], "does not divide the 12 channels"),
+    (["--widths=8,x"], "not a comma-separated list"),
+])
+def test_compare_layers_rejects_invalid_shapes(flags, message):
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "compare_layers.py")] + flags,
+      capture_output=True, text=True, check=False, timeout=120)
+  assert completed.returncode == 2
+  assert message in completed.stderr
