@@ -10,7 +10,7 @@ Examples:
 
 Exit status: 0 on success, 1 on an error (printed as `error: ...`), and
 128 + the signal number (143 for SIGTERM, 130 for SIGINT) when a signal
-stopped training after a checkpoint; rerunning the same command resumes.
+stopped training after a checkpoint. Rerunning the same command resumes.
 """
 
 import os

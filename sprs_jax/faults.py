@@ -4,8 +4,8 @@
   step in progress, so the loop can write a checkpoint and raise
   `TrainingStopped`. run.py exits with status 128 + the signal number.
 - `all_finite` (inside the pmapped step) and `DivergenceCheck` (on the host)
-  stop training at the first step whose loss or state holds NaN or Inf, and
-  keep such a state out of every checkpoint.
+  stop training at the first step whose loss or state contains NaN or Inf,
+  and keep such a state out of every checkpoint.
 - `check_writable` and `check_free_space` reject a checkpoint folder that
   cannot take the checkpoints of a run, before training starts.
 """
@@ -112,7 +112,7 @@ class DivergenceCheck:
 
   `push` fetches the flag of the step before the one just dispatched, so the
   host never waits for the step in flight. `check_latest` fetches the flag
-  of the newest step and must run before any save.
+  of the newest step, and `train` runs it before every save.
   """
 
   def __init__(self, checkpointer):

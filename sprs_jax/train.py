@@ -108,13 +108,12 @@ def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
                     training_config, sigma_max: float):
   """Returns train_step(state, images, rng) -> (state, metrics) for pmap.
 
-  metrics: loss, learning_rate and finite (True when the loss and every
-  float array of the new state are finite).
-
   It must run under ``jax.pmap(..., axis_name="batch")``. ``images`` is the
   per-device batch [b, H, W, 3] in [-1, 1], and ``rng`` is the base key, the
   same on every device. Gradients and the loss are averaged over all devices, so
-  the update equals one step on the whole global batch.
+  the update equals one step on the whole global batch. ``metrics`` contains
+  loss, learning_rate and finite (True when the loss and every float array
+  of the new state are finite).
   """
   t_min = training_config.t_min
   t_max = training_config.t_max
