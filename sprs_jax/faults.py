@@ -90,9 +90,9 @@ class StopSignals:
       logging.warning("Received %s: stopping after the current step and "
                       "saving a checkpoint.", name)
     else:
-      logging.warning("Received %s again: it is ignored while the checkpoint "
-                      "is written. SIGKILL stops at once and keeps the "
-                      "previous checkpoint.", name)
+      logging.warning("Received %s while stopping: ignored, so the "
+                      "checkpoint is written in full. SIGKILL stops at once "
+                      "and keeps the previous checkpoint.", name)
 
 
 def all_finite(loss, state) -> jax.Array:
@@ -111,8 +111,9 @@ class DivergenceCheck:
   """Checks the `finite` flag of every step's metrics, one step late.
 
   `push` fetches the flag of the step before the one just dispatched, so the
-  host never waits for the step in flight. `check_latest` fetches the flag
-  of the newest step, and `train` runs it before every save.
+  host waits for the step in flight only at logs and saves. `check_latest`
+  fetches the flag of the newest step, and `train` runs it before every
+  save.
   """
 
   def __init__(self, checkpointer):

@@ -182,6 +182,8 @@ def train(config, category_dir: str, train_loader) -> TrainState:
     ValueError: if the checkpoint folder is not writable or lacks room for
       the checkpoints of the run, before training starts.
   """
+  checkpoint_dir = os.path.join(category_dir, "checkpoints")
+  faults.check_writable(checkpoint_dir)
   training = config.training
   steps_per_epoch = train_loader.steps_per_epoch
   total_steps = training.num_epochs * steps_per_epoch
@@ -196,8 +198,6 @@ def train(config, category_dir: str, train_loader) -> TrainState:
                f"{model_lib.count_params(state.params):,}",
                tuple(config.model.widths), config.model.dtype)
 
-  checkpoint_dir = os.path.join(category_dir, "checkpoints")
-  faults.check_writable(checkpoint_dir)
   checkpointer = checkpoint.Checkpointer(
       checkpoint_dir, training.max_checkpoints, delete_partial_saves=True)
   try:

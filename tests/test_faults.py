@@ -12,6 +12,7 @@ executable runs every step on CPU, whose reductions are deterministic.
 """
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -104,7 +105,7 @@ def _run(command, environment):
 
 
 class _Background:
-  """A subprocess whose stderr goes to a file that the test polls."""
+  """A subprocess whose stdout and stderr go to a file that the test polls."""
 
   def __init__(self, command, environment, log_path):
     self.log_path = log_path
@@ -294,11 +295,10 @@ class _PoisonedLoader:
       yield batch
 
 
-@pytest.mark.parametrize("bad_step", [7, 8])
-def test_divergence_names_step_and_checkpoint(module_dir, manual_dir, tmp_path,
-                                              bad_step):
-  # 12 steps, a checkpoint every 4 and a log only at the last step, so only
-  # the per-step check can catch step 7. Step 8 is a checkpoint step.
+def test_divergence_names_step_and_checkpoint(module_dir, manual_dir, tmp_path):
+  # 12 steps, a checkpoint every 4 and a log only at the last step. Step 8
+  # is a checkpoint step: the check one step late alone would save it.
+  bad_step = 8
   config = _config(module_dir, manual_dir, **{
       "training.num_epochs": 6,
       "training.checkpoint_every_steps": 4,
@@ -316,10 +316,10 @@ def test_divergence_names_step_and_checkpoint(module_dir, manual_dir, tmp_path,
     train.train(config, str(category_dir), _PoisonedLoader(loader, bad_step))
 
   message = str(error.value)
-  last_good = (bad_step - 1) // 4 * 4
+  last_good = 4
   assert f"diverged at step {bad_step}:" in message
   assert f"{category_dir / 'checkpoints' / str(last_good)} " in message
-  assert _step_folders(category_dir) == list(range(4, bad_step, 4))
+  assert _step_folders(category_dir) == [last_good]
   state, _ = _restore_state(config, category_dir)
   assert int(state.step) == last_good
   _assert_all_finite(state)
@@ -329,16 +329,60 @@ def test_divergence_names_step_and_checkpoint(module_dir, manual_dir, tmp_path,
           for number in faults.STOP_SIGNALS} == handlers
 
 
-def test_stop_signals_flag_and_restore():
-  previous = signal.getsignal(signal.SIGINT)
+class _FakeCheckpointer:
+  directory = "/w/bottle/checkpoints"
+
+  def __init__(self, latest):
+    self.latest = latest
+
+  def latest_step(self):
+    return self.latest
+
+
+def _metrics(finite, loss):
+  """Returns metrics as the pmapped step returns them on 2 devices."""
+  return {"finite": np.array([finite, finite]), "loss": np.array([loss, loss])}
+
+
+def test_divergence_check_one_step_late():
+  check = faults.DivergenceCheck(_FakeCheckpointer(latest=None))
+  check.push(1, _metrics(True, 2.0))
+  check.push(2, _metrics(False, np.nan))
+  with pytest.raises(FloatingPointError) as error:
+    check.push(3, _metrics(False, np.nan))
+  assert "diverged at step 2:" in str(error.value)
+  assert "No checkpoint was saved before it." in str(error.value)
+
+
+def test_divergence_check_latest_before_save():
+  check = faults.DivergenceCheck(_FakeCheckpointer(latest=4))
+  check.push(5, _metrics(True, 2.0))
+  check.check_latest()
+  check.push(6, _metrics(False, np.inf))
+  with pytest.raises(FloatingPointError) as error:
+    check.check_latest()
+  message = str(error.value)
+  assert "diverged at step 6: the loss (inf)" in message
+  assert "/w/bottle/checkpoints/4 (step 4), is finite and kept." in message
+
+
+def test_stop_signals_flag_and_restore(caplog):
+  caplog.set_level(logging.WARNING, logger="absl")
+  previous = {number: signal.getsignal(number)
+              for number in faults.STOP_SIGNALS}
   with faults.StopSignals() as stop_signals:
     assert stop_signals.signal_number is None
     os.kill(os.getpid(), signal.SIGINT)
-    os.kill(os.getpid(), signal.SIGTERM)
     # Python runs handlers between bytecodes of the main thread.
     time.sleep(0.01)
     assert stop_signals.signal_number == signal.SIGINT
-  assert signal.getsignal(signal.SIGINT) is previous
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert stop_signals.signal_number == signal.SIGINT
+  assert "Received SIGINT: stopping after the current step" in caplog.text
+  assert "Received SIGTERM while stopping: ignored" in caplog.text
+  for number, handler in previous.items():
+    assert signal.getsignal(number) is handler, signal.Signals(number).name
 
 
 def test_stopped_message_and_status():
