@@ -7,6 +7,10 @@ Examples:
       --config.data.manual_dir=/data/mvtec_anomaly_detection
   python run.py --mode=predict --workdir=workdirs/spr_textures \
       --images='photos/*.jpg'
+
+Exit status: 0 on success, 1 on an error (printed as `error: ...`), and
+128 + the signal number (143 for SIGTERM, 130 for SIGINT) when a signal
+stopped training after a checkpoint. Rerunning the same command resumes.
 """
 
 import os
@@ -16,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sprs_jax import cli
+from sprs_jax import faults
 from sprs_jax import run_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -93,6 +98,8 @@ def main(argv):
       config = _CONFIG.value
       workdir = _WORKDIR.value or os.path.join("workdirs", config.data.name)
       run_lib.run(config, os.path.expanduser(workdir), mode)
+  except faults.TrainingStopped as stopped:
+    cli.exit_after_stop(stopped)
   except (ValueError, OSError, FloatingPointError) as error:
     cli.exit_with_error(error)
 

@@ -1,9 +1,11 @@
 """Orbax checkpoints of the training state, one folder per category.
 
 A checkpoint contains the params, the EMA params, the optimizer state, the step
-and the base RNG key. Orbax writes each step into a temporary folder and
-renames it when complete, so a run killed during a save leaves the previous
-checkpoint readable.
+and the base RNG key. Orbax writes each step into a temporary folder
+(`<step>.orbax-checkpoint-tmp...`) and renames it to `<step>` when complete,
+so a run killed during a save leaves the previous checkpoint readable, and
+the latest step is the highest digit-named folder. A training Checkpointer
+deletes such leftover temporary folders when it starts.
 """
 
 import os
@@ -15,11 +17,19 @@ from absl import logging
 
 
 class Checkpointer:
-  """Saves and restores training states under ``directory``."""
+  """Saves and restores training states under ``directory``.
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  With ``delete_partial_saves`` it deletes the temporary folders of saves
+  that a killed run left. Only training sets it: a reader must not delete
+  the folder of a save in progress in another process.
+  """
+
+  def __init__(self, directory: str, max_to_keep: int = 2,
+               delete_partial_saves: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        cleanup_tmp_directories=delete_partial_saves)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

@@ -40,6 +40,17 @@ def exit_with_error(error: Exception) -> None:
   sys.exit(1)
 
 
+def exit_after_stop(stopped) -> None:
+  """Prints why training stopped and exits with stopped.exit_status.
+
+  `stopped` is a faults.TrainingStopped, whose status is 128 + the signal
+  number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process
+  that the signal ended.
+  """
+  print(str(stopped), file=sys.stderr)
+  sys.exit(stopped.exit_status)
+
+
 def parse_flags(argv):
   """Parses the flags; a --config.* override of no field is a user error.
 

@@ -14,6 +14,7 @@ import optax
 from absl import logging
 
 from sprs_jax import checkpoint
+from sprs_jax import faults
 from sprs_jax import losses
 from sprs_jax import model as model_lib
 
@@ -110,7 +111,9 @@ def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
   It must run under ``jax.pmap(..., axis_name="batch")``. ``images`` is the
   per-device batch [b, H, W, 3] in [-1, 1], and ``rng`` is the base key, the
   same on every device. Gradients and the loss are averaged over all devices, so
-  the update equals one step on the whole global batch.
+  the update equals one step on the whole global batch. ``metrics`` contains
+  loss, learning_rate and finite (True when the loss and every float array
+  of the new state are finite).
   """
   t_min = training_config.t_min
   t_max = training_config.t_max
@@ -141,7 +144,8 @@ def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
 
     new_state = state.replace(step=state.step + 1, params=params,
                               ema_params=ema_params, opt_state=opt_state)
-    metrics = {"loss": loss, "learning_rate": learning_rate_fn(state.step)}
+    metrics = {"loss": loss, "learning_rate": learning_rate_fn(state.step),
+               "finite": faults.all_finite(loss, new_state)}
     return new_state, metrics
 
   return train_step
@@ -161,7 +165,25 @@ def train(config, category_dir: str, train_loader) -> TrainState:
   with the same config continues from the latest one, with the same data
   order and noise. Wall time, throughput and the step reached are written to
   ``<category_dir>/train_stats.json`` with every checkpoint.
+
+  Every step's loss and state are checked for NaN and Inf, and no checkpoint
+  is written of a state that has them. SIGTERM and SIGINT stop training after
+  the current step and write a checkpoint first. The previous signal handlers
+  are restored on return.
+
+  ``train_loader`` provides ``steps_per_epoch`` and ``epoch_batches(epoch,
+  start_step)`` as input_pipeline.TrainLoader does.
+
+  Raises:
+    faults.TrainingStopped: after SIGTERM or SIGINT, once the checkpoint is
+      written.
+    FloatingPointError: at the first step whose loss or state is not finite,
+      naming it and the latest checkpoint, which stays as it was.
+    ValueError: if the checkpoint folder is not writable or lacks room for
+      the checkpoints of the run, before training starts.
   """
+  checkpoint_dir = os.path.join(category_dir, "checkpoints")
+  faults.check_writable(checkpoint_dir)
   training = config.training
   steps_per_epoch = train_loader.steps_per_epoch
   total_steps = training.num_epochs * steps_per_epoch
@@ -177,16 +199,35 @@ def train(config, category_dir: str, train_loader) -> TrainState:
                tuple(config.model.widths), config.model.dtype)
 
   checkpointer = checkpoint.Checkpointer(
-      os.path.join(category_dir, "checkpoints"), training.max_checkpoints)
-  restored = checkpointer.restore(state, train_rng)
-  if restored is not None:
-    state, train_rng = restored
-  start_step = int(state.step)
-  if start_step >= total_steps:
-    logging.info("Training already finished (%d of %d steps); skipping.",
-                 start_step, total_steps)
+      checkpoint_dir, training.max_checkpoints, delete_partial_saves=True)
+  try:
+    restored = checkpointer.restore(state, train_rng)
+    if restored is not None:
+      state, train_rng = restored
+    start_step = int(state.step)
+    if start_step >= total_steps:
+      logging.info("Training already finished (%d of %d steps); skipping.",
+                   start_step, total_steps)
+      return state
+    faults.check_free_space(
+        checkpoint_dir, (state, jax.random.key_data(train_rng)),
+        training.max_checkpoints)
+    with faults.StopSignals() as stop_signals:
+      return _train_loop(config, category_dir, train_loader, model, optimizer,
+                         learning_rate_fn, state, train_rng, checkpointer,
+                         stop_signals)
+  finally:
     checkpointer.close()
-    return state
+
+
+def _train_loop(config, category_dir, train_loader, model, optimizer,
+                learning_rate_fn, state, train_rng, checkpointer,
+                stop_signals) -> TrainState:
+  """Runs the steps from state.step on; see `train` for the contract."""
+  training = config.training
+  steps_per_epoch = train_loader.steps_per_epoch
+  total_steps = training.num_epochs * steps_per_epoch
+  start_step = int(state.step)
 
   stats_path = os.path.join(category_dir, "train_stats.json")
   stats = {"train_seconds": 0.0, "train_images": 0, "timed_seconds": 0.0}
@@ -210,54 +251,73 @@ def train(config, category_dir: str, train_loader) -> TrainState:
   step = start_step
   run_start = time.perf_counter()
   timer_start, timer_step = None, step
-  last_metrics = None
+  divergence = faults.DivergenceCheck(checkpointer)
+
+  def save(state) -> tuple[str, dict]:
+    """Checks the newest step for NaN and Inf, then saves it and its stats.
+
+    Returns the checkpoint path and the stats written.
+    """
+    divergence.check_latest()
+    path = checkpointer.save(unreplicate(state), train_rng)
+    # The stats match the checkpoint, so a killed run resumes both.
+    current = _updated_stats(stats, step, total_steps, global_batch,
+                             start_step, run_start, timer_start, timer_step)
+    write_json_atomically(stats_path, current)
+    return path, current
+
   for epoch in range(start_step // steps_per_epoch, training.num_epochs):
-    skip = start_step - epoch * steps_per_epoch
-    for index, images in enumerate(train_loader.epoch_batches(epoch)):
-      if index < skip:
-        continue
-      state, last_metrics = train_step(state, images, replicated_rng)
+    first_index = max(start_step - epoch * steps_per_epoch, 0)
+    for images in train_loader.epoch_batches(epoch, first_index):
+      state, metrics = train_step(state, images, replicated_rng)
       step += 1
+      divergence.push(step, metrics)
 
       if timer_start is None:
         # The first step includes compilation; throughput is timed after it.
-        jax.block_until_ready(last_metrics)
+        jax.block_until_ready(metrics)
         timer_start, timer_step = time.perf_counter(), step
         logging.info("Compiled and ran the first step in %.1f s.",
                      timer_start - run_start)
       if step % training.log_every_steps == 0 or step == total_steps:
-        metrics = jax.device_get(unreplicate(last_metrics))
-        elapsed = time.perf_counter() - timer_start
-        images_per_second = (step - timer_step) * global_batch / max(elapsed, 1e-9)
-        eta = (total_steps - step) * global_batch / max(images_per_second, 1e-9)
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(
-              f"The training loss is {metrics['loss']} at step {step}; the "
-              f"latest finite checkpoint is in {checkpointer.directory}. "
-              "Lower training.learning_rate or check the input images.")
-        logging.info(
-            "step %d/%d  epoch %d  loss %.2f  lr %.2e  %.1f images/s  ETA %s",
-            step, total_steps, epoch + 1, metrics["loss"],
-            metrics["learning_rate"], images_per_second, _format_seconds(eta))
+        divergence.check_latest()
+        _log_step(jax.device_get(unreplicate(metrics)), step, total_steps,
+                  epoch, global_batch, (step - timer_step) * global_batch
+                  / max(time.perf_counter() - timer_start, 1e-9))
       if step % training.checkpoint_every_steps == 0 and step < total_steps:
-        checkpointer.save(unreplicate(state), train_rng)
-        # The stats match the checkpoint, so a killed run resumes both.
-        write_json_atomically(stats_path, _updated_stats(
-            stats, step, total_steps, global_batch, start_step, run_start,
-            timer_start, timer_step))
+        save(state)
+      if stop_signals.signal_number is not None and step < total_steps:
+        if checkpointer.latest_step() == step:
+          path = os.path.join(checkpointer.directory, str(step))
+        else:
+          path, _ = save(state)
+        _stop(stop_signals.signal_number, step, path)
 
-  jax.block_until_ready(state)
-  state = unreplicate(state)
-  checkpointer.save(state, train_rng)
-  checkpointer.close()
-
-  stats = _updated_stats(stats, step, total_steps, global_batch, start_step,
-                         run_start, timer_start, timer_step)
-  write_json_atomically(stats_path, stats)
+  path, final_stats = save(state)
   logging.info("Training took %s (%.1f images/s after compilation).",
-               _format_seconds(stats["train_seconds"]),
-               stats["train_images_per_second"])
-  return state
+               _format_seconds(final_stats["train_seconds"]),
+               final_stats["train_images_per_second"])
+  if stop_signals.signal_number is not None:
+    # The signal came during the last step or the final save: training is
+    # finished, but the process still stops instead of evaluating.
+    _stop(stop_signals.signal_number, step, path)
+  return unreplicate(state)
+
+
+def _log_step(metrics, step, total_steps, epoch, global_batch,
+              images_per_second) -> None:
+  eta = (total_steps - step) * global_batch / max(images_per_second, 1e-9)
+  logging.info(
+      "step %d/%d  epoch %d  loss %.2f  lr %.2e  %.1f images/s  ETA %s",
+      step, total_steps, epoch + 1, metrics["loss"],
+      metrics["learning_rate"], images_per_second, _format_seconds(eta))
+
+
+def _stop(signal_number: int, step: int, path: str) -> None:
+  """Logs the checkpoint of step and raises TrainingStopped."""
+  logging.warning("Stopped after step %d; checkpoint: %s. Rerun the same "
+                  "command to resume.", step, path)
+  raise faults.TrainingStopped(signal_number, step, path)
 
 
 def _updated_stats(stats, step, total_steps, global_batch, start_step,
