@@ -14,6 +14,7 @@ import optax
 from absl import logging
 
 from sprs_jax import checkpoint
+from sprs_jax import distributed
 from sprs_jax import losses
 from sprs_jax import model as model_lib
 
@@ -118,6 +119,9 @@ def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
 
   def train_step(state: TrainState, images, rng):
     per_device = images.shape[0]
+    # pmap numbers the devices of all processes, process by process (JAX
+    # 0.10), as TrainLoader slices the global batch, so the ids are the
+    # examples' positions in the global batch whatever the process count.
     first_id = jax.lax.axis_index("batch") * per_device
     example_ids = first_id + jnp.arange(per_device)
     step_rng = jax.random.fold_in(rng, state.step)
@@ -198,9 +202,8 @@ def train(config, category_dir: str, train_loader) -> TrainState:
       make_train_step(model, optimizer, learning_rate_fn, training,
                       config.sde.sigma_max),
       axis_name="batch", donate_argnums=(0,))
-  devices = jax.local_devices()
-  state = flax.jax_utils.replicate(state, devices)
-  replicated_rng = flax.jax_utils.replicate(train_rng, devices)
+  state = distributed.replicate(state, "batch")
+  replicated_rng = distributed.replicate(train_rng, "batch")
   global_batch = training.batch_size
   logging.info(
       "Training %d steps (%d epochs x %d steps, global batch %d on %d "
@@ -242,7 +245,7 @@ def train(config, category_dir: str, train_loader) -> TrainState:
       if step % training.checkpoint_every_steps == 0 and step < total_steps:
         checkpointer.save(unreplicate(state), train_rng)
         # The stats match the checkpoint, so a killed run resumes both.
-        write_json_atomically(stats_path, _updated_stats(
+        _write_stats(stats_path, _updated_stats(
             stats, step, total_steps, global_batch, start_step, run_start,
             timer_start, timer_step))
 
@@ -253,7 +256,7 @@ def train(config, category_dir: str, train_loader) -> TrainState:
 
   stats = _updated_stats(stats, step, total_steps, global_batch, start_step,
                          run_start, timer_start, timer_step)
-  write_json_atomically(stats_path, stats)
+  _write_stats(stats_path, stats)
   logging.info("Training took %s (%.1f images/s after compilation).",
                _format_seconds(stats["train_seconds"]),
                stats["train_images_per_second"])
@@ -284,6 +287,12 @@ def _updated_stats(stats, step, total_steps, global_batch, start_step,
   updated["step"] = step
   updated["total_steps"] = total_steps
   return updated
+
+
+def _write_stats(path: str, stats: dict) -> None:
+  """Writes train_stats.json from process 0; other processes write nothing."""
+  if distributed.is_primary():
+    write_json_atomically(path, stats)
 
 
 def write_json_atomically(path: str, payload) -> None:
