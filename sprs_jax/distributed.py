@@ -45,8 +45,7 @@ _FLAG_HINT = ("Pass all three of --coordinator_address=HOST:PORT (the address "
 def _running_on_cloud_tpu() -> bool:
   """Returns whether JAX found TPU chips of a Cloud TPU VM when imported.
 
-  The check reads PCI devices only, it sends no request to the metadata
-  server.
+  The check reads PCI devices and sends no request to the metadata server.
   """
   # NOTE: a private JAX module (jax 0.10); if it moves, Cloud TPU runs need
   # the three flags.
@@ -101,7 +100,7 @@ def initialize_arguments(coordinator_address: str | None = None,
     num_processes: --num_processes, the number of processes.
     process_id: --process_id, this process's index in 0..num_processes - 1.
     environ: the environment variables to read.
-    on_cloud_tpu: whether this is a Cloud TPU VM; None asks JAX.
+    on_cloud_tpu: whether this is a Cloud TPU VM; None reads it from JAX.
 
   Raises:
     ValueError: if only some of the values are given, or one is invalid.
@@ -129,7 +128,7 @@ def initialize_arguments(coordinator_address: str | None = None,
     if on_cloud_tpu is None:
       on_cloud_tpu = _running_on_cloud_tpu()
     # NOTE: a single-host Cloud TPU VM also initializes, as a runtime of one
-    # process, because only the metadata server tells the host count.
+    # process, because only the metadata server stores the host count.
     return {} if on_cloud_tpu else None
 
   missing = [name for name, value in (
@@ -187,22 +186,32 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier `name`; no-op for one."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def primary_first(function, name: str):
+def primary_first(function, description: str):
   """Calls function() in process 0, then in the other processes.
 
   For steps that may write shared files, such as building a data set: the
   other processes reuse what process 0 wrote. Returns function's result.
+
+  Raises:
+    ValueError: in the other processes if function raised in process 0,
+      which raises that error itself. `description` names the step.
   """
-  result = None
+  if jax.process_count() == 1:
+    return function()
+
+  result, error = None, None
   if is_primary():
-    result = function()
-  barrier(name)
+    try:
+      result = function()
+    except Exception as caught:  # pylint: disable=broad-exception-caught
+      error = caught
+  # The outcome of process 0 doubles as the barrier of the other processes.
+  failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if failed:
+    raise ValueError(
+        f"Process 0 failed while {description}; its output gives the error.")
   if not is_primary():
     result = function()
   return result

@@ -364,13 +364,17 @@ def run(config, workdir: str, mode: str) -> dict:
     # starts, so a broken folder stops an "all" run at once, not hours in.
     # Process 0 builds missing data sets before the other processes look.
     distributed.primary_first(
-        lambda: _prepare_categories(config.data, categories), "prepare_data")
+        lambda: _prepare_categories(config.data, categories),
+        "building the data sets")
   except Exception:
     # Folders made by this call for the workdir and still empty go again.
-    if distributed.is_primary():
-      for folder in new_folders:
+    for folder in new_folders:
+      try:
         if os.path.isdir(folder) and not os.listdir(folder):
           os.rmdir(folder)
+      except OSError:
+        # Another process of a multi-process run removed or filled it first.
+        pass
     raise
 
   results = {}

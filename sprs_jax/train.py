@@ -119,8 +119,8 @@ def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
 
   def train_step(state: TrainState, images, rng):
     per_device = images.shape[0]
-    # pmap numbers the devices of all processes, process by process (JAX
-    # 0.10), as TrainLoader slices the global batch, so the ids are the
+    # pmap numbers the devices of all processes in process order (JAX 0.10),
+    # which is how TrainLoader slices the global batch. So the ids are the
     # examples' positions in the global batch whatever the process count.
     first_id = jax.lax.axis_index("batch") * per_device
     example_ids = first_id + jnp.arange(per_device)
