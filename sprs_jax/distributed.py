@@ -186,6 +186,22 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def check_same_in_all_processes(value: int, description: str) -> None:
+  """Raises ValueError in every process unless all of them pass the same value.
+
+  For values read from the workdir, such as the step of the latest
+  checkpoint, which differ when the hosts do not share the workdir.
+  """
+  if jax.process_count() == 1:
+    return
+  values = multihost_utils.process_allgather(np.int32(value)).tolist()
+  if len(set(values)) > 1:
+    raise ValueError(
+        f"The processes read different values of the {description}: "
+        f"{values} (process 0 first). Every process must see the same "
+        "workdir: put it on a file system that all hosts share.")
+
+
 def primary_first(function, description: str):
   """Calls function() in process 0, then in the other processes.
 

@@ -349,6 +349,52 @@ def test_process_zero_failure_stops_all(tmp_path):
   assert not workdir.exists()
 
 
+# Restores the checkpoints under argv[3] + "<process id>" in a 2-process run
+# whose coordinator is argv[1] and whose process id is argv[2].
+_RESTORE_SCRIPT = """
+import sys
+import numpy as np
+from sprs_jax import checkpoint, distributed, train
+import jax
+
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+leaf = np.zeros(2, np.float32)
+template = train.TrainState(step=np.int32(0), params={"w": leaf},
+                            ema_params={"w": leaf}, opt_state=())
+checkpointer = checkpoint.Checkpointer(sys.argv[3] + sys.argv[2])
+try:
+  checkpointer.restore(template, jax.random.key(0))
+except ValueError as error:
+  print(f"error: {error}")
+  sys.exit(3)
+"""
+
+
+def test_restore_rejects_unshared_workdir(tmp_path):
+  state = train.TrainState(
+      step=np.int32(3), params={"w": np.ones(2, np.float32)},
+      ema_params={"w": np.ones(2, np.float32)}, opt_state=())
+  saver = checkpoint.Checkpointer(str(tmp_path / "checkpoints0"))
+  saver.save(state, jax.random.key(1))
+  saver.close()
+  (tmp_path / "checkpoints1").mkdir()
+
+  address = f"localhost:{_free_port()}"
+  commands = [
+      [sys.executable, "-c", _RESTORE_SCRIPT, address, str(index),
+       str(tmp_path / "checkpoints")]
+      for index in range(2)]
+  codes, logs = _run_processes(
+      commands, [_environment(1)] * 2, tmp_path / "restore",
+      expect_success=False)
+
+  assert codes == [3, 3]
+  for log in logs:
+    assert ("The processes read different values of the checkpoint step to "
+            "restore") in log
+    assert "[3, -1] (process 0 first)" in log
+
+
 def test_cli_rejects_partial_flags(tmp_path):
   workdir = tmp_path / "workdir"
   completed = subprocess.run(
