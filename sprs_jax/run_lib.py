@@ -283,8 +283,8 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
         image_size=config.data.image_size,
         global_batch_size=config.training.batch_size,
         seed=config.seed)
-    logging.info("Loaded %d training images of %s.", train_loader.num_examples,
-                 category)
+    logging.info("The training split of %s has %d images.", category,
+                 train_loader.num_examples)
     total_steps = config.training.num_epochs * train_loader.steps_per_epoch
     config_path = os.path.join(category_dir, "config.json")
     # config.json describes the latest training, so a run that trains
