@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from sprs_jax import cli
 from sprs_jax import faults
+from sprs_jax import distributed
 from sprs_jax import run_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,6 +52,20 @@ _CATEGORY = flags.DEFINE_string(
     "--mode=predict: the workdir's category to score with. Required when the "
     "workdir contains several categories.")
 _PREDICT_ONLY_FLAGS = (_IMAGES, _OUTPUT, _CATEGORY)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: HOST:PORT of process 0, where JAX's distributed "
+    "runtime starts its coordinator. Default: the JAX_COORDINATOR_ADDRESS "
+    "environment variable. Needs --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    "Multi-process runs: the number of processes, one per host. Not needed "
+    "on Cloud TPU VMs and in SLURM or Open MPI jobs, where JAX detects it.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    "Multi-process runs: this process's index, from 0 to --num_processes - "
+    "1. Process 0 writes the workdir's files.")
+_DISTRIBUTED_FLAGS = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID)
 
 
 def _check_flags(mode: str) -> None:
@@ -61,6 +76,11 @@ def _check_flags(mode: str) -> None:
           "--config is not used by --mode=predict, which reads the config "
           "stored in <workdir>/<category>/config.json. Remove --config and "
           "its --config.* overrides.")
+    for flag in _DISTRIBUTED_FLAGS:
+      if flag.value is not None:
+        raise ValueError(
+            f"--{flag.name} is not used by --mode=predict, which scores on "
+            "the local devices of one process. Remove it.")
     for flag, example in ((_WORKDIR, "--workdir=workdirs/spr_textures"),
                           (_IMAGES, "--images='photos/*.png'")):
       if not flag.value:
@@ -95,11 +115,14 @@ def main(argv):
       run_lib.predict(os.path.expanduser(_WORKDIR.value), _IMAGES.value,
                       output, _CATEGORY.value)
     else:
+      distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                             _PROCESS_ID.value)
       config = _CONFIG.value
       workdir = _WORKDIR.value or os.path.join("workdirs", config.data.name)
       run_lib.run(config, os.path.expanduser(workdir), mode)
   except faults.TrainingStopped as stopped:
     cli.exit_after_stop(stopped)
+  # ConnectionError, from distributed.initialize, is an OSError.
   except (ValueError, OSError, FloatingPointError) as error:
     cli.exit_with_error(error)
 

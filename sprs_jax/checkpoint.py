@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from sprs_jax import distributed
+
 
 class Checkpointer:
   """Saves and restores training states under ``directory``.
@@ -36,7 +38,11 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, state, rng) -> str:
-    """Saves an unreplicated state and the base RNG key; returns the path."""
+    """Saves an unreplicated state and the base RNG key; returns the path.
+
+    Every process of a multi-process run must call this with the same
+    values. Orbax 0.12 writes host NumPy arrays from process 0 only.
+    """
     step = int(jax.device_get(state.step))
     items = {"state": jax.device_get(state),
              "rng": np.asarray(jax.random.key_data(rng))}
@@ -52,6 +58,11 @@ class Checkpointer:
     The templates give the pytree structure, shapes and dtypes to restore into.
     """
     step = self.latest_step() if step is None else step
+    # Before Orbax's own barriers, which would hang or fail with internal
+    # messages if the processes restored different steps.
+    distributed.check_same_in_all_processes(
+        -1 if step is None else step,
+        f"checkpoint step to restore from {self.directory} (-1: none)")
     if step is None:
       return None
     template = {"state": state_template,

@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from sprs_jax import distributed
 from sprs_jax import input_pipeline
 from sprs_jax import metrics as metrics_lib
 from sprs_jax import model as model_lib
@@ -95,13 +96,16 @@ def make_device_scorer(config, params):
   The batch is split over all local devices, so its size must be a multiple
   of jax.local_device_count(). ``images`` is float32 [B, S, S, 3] in [-1, 1]
   and ``keys`` contains one PRNG key per image. Heat maps are float32
-  [B, heatmap_size, heatmap_size] and scores [B].
+  [B, heatmap_size, heatmap_size] and scores [B]. In a multi-process run the
+  scorer stays on this process's devices and waits for no other process.
   """
-  num_devices = jax.local_device_count()
+  devices = jax.local_devices()
+  num_devices = len(devices)
   model = model_lib.create_model(config.model, config.sde.sigma_max)
   score_batch = jax.pmap(
-      scoring.make_score_batch(model, config.eval, config.sde.sigma_max))
-  replicated_params = flax.jax_utils.replicate(params)
+      scoring.make_score_batch(model, config.eval, config.sde.sigma_max),
+      devices=devices)
+  replicated_params = flax.jax_utils.replicate(params, devices)
 
   def score(images, keys):
     size = len(images)
@@ -161,9 +165,15 @@ def evaluate(config, category_dir: str, params, source,
   and max over the split) so they can be compared, and their titles give
   each image's verdict at that threshold.
 
+  In a multi-process run every process scores the whole split on its own
+  devices and returns the same metrics, and process 0 alone writes the
+  threshold and the panels.
+
   Returns:
     The dict of ``metrics.compute_metrics`` plus ``num_test_images``.
   """
+  # NOTE: evaluation is not sharded over processes, so more hosts do not make
+  # it faster. The other processes would otherwise wait for process 0.
   outputs = score_split(config, params, source)
   results = metrics_lib.compute_metrics(
       outputs["labels"], outputs["scores"], outputs["masks"],
@@ -173,6 +183,8 @@ def evaluate(config, category_dir: str, params, source,
       results["f1_threshold"], results["f1_max"], outputs["labels"],
       outputs["scores"], outputs["heatmaps"], config, checkpoint_step,
       params)
+  if not distributed.is_primary():
+    return results
   threshold_path = threshold_lib.save(category_dir, record)
   logging.info("Wrote the decision threshold %.6g (F1-max %.4f) to %s",
                record["threshold"], record["f1_max"], threshold_path)

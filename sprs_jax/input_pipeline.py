@@ -109,8 +109,8 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         "--config.data.manual_dir=<folder with the unpacked data set>.\n"
         f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
-  # NOTE: every process that calls this on an unprepared data set builds it.
-  # Multi-host runs should prepare it once before training starts.
+  # Every process that calls this on an unprepared data set builds it, so
+  # run_lib.run lets process 0 build it before the other processes call it.
   logging.info(
       "Building %s from manual_dir %s into %s.",
       builder.info.full_name, manual_dir or "(TFDS default)", builder.data_dir,
@@ -219,17 +219,21 @@ def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
 class TrainLoader:
   """Shuffled, full-size training batches for one process, held in memory.
 
-  The whole split is decoded and resized once, and kept as uint8. Batch order
-  depends only on (seed, epoch): epoch e visits the permutation drawn by
-  `np.random.default_rng([seed, e])`, and its last batch is completed by
-  wrapping around to the start of that permutation. So every batch has
-  `global_batch_size` images, and a resumed run gets the same batches.
+  Batch order depends only on (seed, epoch): epoch e visits the permutation
+  drawn by `np.random.default_rng([seed, e])`, and its last batch is
+  completed by wrapping around to the start of that permutation. So every
+  batch has `global_batch_size` images, and a resumed run gets the same
+  batches, whatever the process count.
 
   Each global batch is cut into `process_count` contiguous slices, and the
-  slice of this process is split over its local devices.
+  slice of this process is split over its local devices. A process reads an
+  example from the source when one of its slices first contains it, and
+  keeps it resized as uint8, so it reads each example at most once and never
+  reads those that only other processes' slices contain.
 
   Attributes:
-    images: uint8 [N, S, S, 3], the resized training images in source order.
+    images: uint8 [N, S, S, 3], the cache of resized training images in
+      source order. Rows this process has not read yet are zero.
     steps_per_epoch: ceil(N / global_batch_size).
     per_device_batch_size: images per device per step.
   """
@@ -244,7 +248,7 @@ class TrainLoader:
       process_count: int | None = None,
       local_device_count: int | None = None,
   ):
-    """Decodes and caches `source`. Process and device counts default to JAX's.
+    """Prepares the cache of `source`. Counts default to JAX's topology.
 
     Raises:
       ValueError: if the source is empty, the seed is negative, or
@@ -288,12 +292,19 @@ class TrainLoader:
     self.local_batch_size = global_batch_size // process_count
     self.per_device_batch_size = global_batch_size // device_count
 
-    self.images = _decode_images(source, image_size)
+    self._source = source
+    self.images = np.zeros((len(source), image_size, image_size, 3), np.uint8)
+    self._is_decoded = np.zeros(len(source), bool)
     self.steps_per_epoch = math.ceil(len(self.images) / global_batch_size)
 
   @property
   def num_examples(self) -> int:
     return len(self.images)
+
+  @property
+  def num_decoded(self) -> int:
+    """The number of examples this process has read from the source."""
+    return int(self._is_decoded.sum())
 
   def epoch_indices(self, epoch: int) -> np.ndarray:
     """Returns the source indices of every global batch of `epoch`.
@@ -326,11 +337,20 @@ class TrainLoader:
 
     for step in range(start_step, self.steps_per_epoch):
       local_indices = indices[step, begin:end]
+      self._decode(local_indices)
       batch = to_model_range(self.images[local_indices])
       yield batch.reshape(
           self.local_device_count, self.per_device_batch_size,
           *batch.shape[1:],
       )
+
+
+  def _decode(self, indices: np.ndarray) -> None:
+    """Reads and resizes the examples of `indices` not read before."""
+    for index in np.unique(indices[~self._is_decoded[indices]]):
+      self.images[index] = resize_image(
+          self._source[int(index)]["image"], self.image_size)
+      self._is_decoded[index] = True
 
 
 def eval_batches(
@@ -432,14 +452,6 @@ def _check_positive(**values: int) -> None:
   for name, value in values.items():
     if value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value}.")
-
-
-def _decode_images(source: DataSource, image_size: int) -> np.ndarray:
-  """Returns uint8 [N, S, S, 3], every image of `source` resized."""
-  images = np.empty((len(source), image_size, image_size, 3), np.uint8)
-  for index in range(len(source)):
-    images[index] = resize_image(source[index]["image"], image_size)
-  return images
 
 
 def _eval_example(

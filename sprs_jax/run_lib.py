@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from sprs_jax import checkpoint
+from sprs_jax import distributed
 from sprs_jax import evaluate as evaluate_lib
 from sprs_jax import input_pipeline
 from sprs_jax import model as model_lib
@@ -282,14 +283,15 @@ def run_category(config, workdir: str, mode: str) -> dict | None:
         image_size=config.data.image_size,
         global_batch_size=config.training.batch_size,
         seed=config.seed)
-    logging.info("Loaded %d training images of %s.", train_loader.num_examples,
-                 category)
+    logging.info("The training split of %s has %d images.", category,
+                 train_loader.num_examples)
     total_steps = config.training.num_epochs * train_loader.steps_per_epoch
     config_path = os.path.join(category_dir, "config.json")
     # config.json describes the latest training, so a run that trains
     # nothing (already finished) leaves it as it is.
-    if _latest_step(category_dir) < total_steps or not os.path.exists(
-        config_path):
+    if distributed.is_primary() and (
+        _latest_step(category_dir) < total_steps
+        or not os.path.exists(config_path)):
       os.makedirs(category_dir, exist_ok=True)
       train_lib.write_json_atomically(config_path, config.to_dict())
     state = train_lib.train(config, category_dir, train_loader)
@@ -342,7 +344,8 @@ def run(config, workdir: str, mode: str) -> dict:
 
   Results are merged into <workdir>/metrics.json category by category, so
   figures of other categories already there are kept, and results.md is
-  rewritten from it. Returns the metrics of the categories run now.
+  rewritten from it. Returns the metrics of the categories run now. In a
+  multi-process run every process returns them and process 0 alone writes.
   """
   if mode not in CONFIG_MODES:
     raise ValueError(
@@ -359,15 +362,19 @@ def run(config, workdir: str, mode: str) -> dict:
     _read_metrics(metrics_path)
     # Every category's data is checked (and built) before any training
     # starts, so a broken folder stops an "all" run at once, not hours in.
-    for category in categories:
-      category_data = ml_collections.ConfigDict(config.data.to_dict())
-      category_data.category = category
-      input_pipeline.prepare(category_data)
+    # Process 0 builds missing data sets before the other processes look.
+    distributed.primary_first(
+        lambda: _prepare_categories(config.data, categories),
+        "building the data sets")
   except Exception:
     # Folders made by this call for the workdir and still empty go again.
     for folder in new_folders:
-      if os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)
+      try:
+        if os.path.isdir(folder) and not os.listdir(folder):
+          os.rmdir(folder)
+      except OSError:
+        # Another process of a multi-process run removed or filled it first.
+        pass
     raise
 
   results = {}
@@ -378,22 +385,36 @@ def run(config, workdir: str, mode: str) -> dict:
     if category_results is None:
       continue
     results[category] = category_results
+    if distributed.is_primary():
+      _write_metrics(workdir, category, category_results)
 
-    all_metrics = _read_metrics(metrics_path)
-    all_metrics[category] = category_results
-    train_lib.write_json_atomically(metrics_path, all_metrics)
-    results_path = os.path.join(workdir, "results.md")
-    with open(results_path + ".tmp", "w") as f:
-      f.write(f"# Results in {os.path.abspath(workdir)}\n\n")
-      f.write(format_results_table(all_metrics))
-    os.replace(results_path + ".tmp", results_path)
-
-  if results:
+  if results and distributed.is_primary():
     table = format_results_table(results, categories=list(results))
     print(table)
     logging.info("Wrote %s and %s", metrics_path,
                  os.path.join(workdir, "results.md"))
   return results
+
+
+def _prepare_categories(data_config, categories) -> None:
+  """Builds the data set of every category that has no prepared copy."""
+  for category in categories:
+    category_data = ml_collections.ConfigDict(data_config.to_dict())
+    category_data.category = category
+    input_pipeline.prepare(category_data)
+
+
+def _write_metrics(workdir: str, category: str, category_results: dict):
+  """Merges one category's metrics into metrics.json and rewrites results.md."""
+  metrics_path = os.path.join(workdir, "metrics.json")
+  all_metrics = _read_metrics(metrics_path)
+  all_metrics[category] = category_results
+  train_lib.write_json_atomically(metrics_path, all_metrics)
+  results_path = os.path.join(workdir, "results.md")
+  with open(results_path + ".tmp", "w") as f:
+    f.write(f"# Results in {os.path.abspath(workdir)}\n\n")
+    f.write(format_results_table(all_metrics))
+  os.replace(results_path + ".tmp", results_path)
 
 
 def _load_json(path: str, description: str, fix: str):

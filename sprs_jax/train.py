@@ -14,6 +14,7 @@ import optax
 from absl import logging
 
 from sprs_jax import checkpoint
+from sprs_jax import distributed
 from sprs_jax import faults
 from sprs_jax import losses
 from sprs_jax import model as model_lib
@@ -121,6 +122,9 @@ def make_train_step(model: nn.Module, optimizer, learning_rate_fn,
 
   def train_step(state: TrainState, images, rng):
     per_device = images.shape[0]
+    # pmap numbers the devices of all processes in process order (JAX 0.10),
+    # which is how TrainLoader slices the global batch. So the ids are the
+    # examples' positions in the global batch whatever the process count.
     first_id = jax.lax.axis_index("batch") * per_device
     example_ids = first_id + jnp.arange(per_device)
     step_rng = jax.random.fold_in(rng, state.step)
@@ -239,9 +243,8 @@ def _train_loop(config, category_dir, train_loader, model, optimizer,
       make_train_step(model, optimizer, learning_rate_fn, training,
                       config.sde.sigma_max),
       axis_name="batch", donate_argnums=(0,))
-  devices = jax.local_devices()
-  state = flax.jax_utils.replicate(state, devices)
-  replicated_rng = flax.jax_utils.replicate(train_rng, devices)
+  state = distributed.replicate(state, "batch")
+  replicated_rng = distributed.replicate(train_rng, "batch")
   global_batch = training.batch_size
   logging.info(
       "Training %d steps (%d epochs x %d steps, global batch %d on %d "
@@ -263,7 +266,7 @@ def _train_loop(config, category_dir, train_loader, model, optimizer,
     # The stats match the checkpoint, so a killed run resumes both.
     current = _updated_stats(stats, step, total_steps, global_batch,
                              start_step, run_start, timer_start, timer_step)
-    write_json_atomically(stats_path, current)
+    _write_stats(stats_path, current)
     return path, current
 
   for epoch in range(start_step // steps_per_epoch, training.num_epochs):
@@ -344,6 +347,12 @@ def _updated_stats(stats, step, total_steps, global_batch, start_step,
   updated["step"] = step
   updated["total_steps"] = total_steps
   return updated
+
+
+def _write_stats(path: str, stats: dict) -> None:
+  """Writes train_stats.json from process 0; other processes write nothing."""
+  if distributed.is_primary():
+    write_json_atomically(path, stats)
 
 
 def write_json_atomically(path: str, payload) -> None:

@@ -330,6 +330,44 @@ def test_train_loader_processes_split_global_batch():
       assert not set(_ids(first)) & set(_ids(second))
 
 
+class _CountingSource:
+  """A _constant_source that records every index read from it."""
+
+  def __init__(self, num_examples):
+    self.examples = _constant_source(num_examples)
+    self.reads = []
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, index):
+    self.reads.append(index)
+    return self.examples[index]
+
+
+def test_train_loader_process_reads_only_its_slices():
+  source = _CountingSource(10)
+  loader = _loader(source, global_batch_size=4, seed=7, process_index=1,
+                   process_count=2, local_device_count=1)
+  other = _loader(_constant_source(10), global_batch_size=4, seed=7,
+                  process_index=0, process_count=2, local_device_count=1)
+  assert source.reads == []
+
+  own_ids = [i for batch in loader.epoch_batches(0) for i in _ids(batch)]
+  other_ids = [i for batch in other.epoch_batches(0) for i in _ids(batch)]
+
+  assert sorted(source.reads) == sorted(set(own_ids))
+  assert loader.num_decoded == len(set(own_ids))
+  assert set(other_ids) - set(own_ids)
+  assert not set(source.reads) & (set(other_ids) - set(own_ids))
+
+  # A second pass over the epoch reads nothing new.
+  reads = len(source.reads)
+  again = [i for batch in loader.epoch_batches(0) for i in _ids(batch)]
+  assert again == own_ids
+  assert len(source.reads) == reads
+
+
 def test_train_loader_start_step_resumes():
   loader = _loader(_constant_source(10), global_batch_size=2)
   full = [_ids(batch) for batch in loader.epoch_batches(4)]
