@@ -27,6 +27,10 @@ _REGION_STRUCTURE = np.ones((3, 3), dtype=bool)
 # many pixels, which bounds the two int64 rank arrays to 32 MB each.
 _RANK_CHUNK_SIZE = 1 << 22
 
+# The AUPRO walks the highest normal pixel scores in chunks of this many
+# pixels, which bounds its per-threshold arrays to about 6 x 8 MB.
+_THRESHOLD_CHUNK_SIZE = 1 << 20
+
 
 def _validate_scores(name: str, scores: np.ndarray) -> None:
   """Raise ValueError unless `scores` is a real array without NaN."""
@@ -248,17 +252,6 @@ def _aupro_from_pixel_scores(
   # them that the last kept threshold reaches FPR >= fpr_limit.
   kept_count = min(normal_count, int(np.floor(fpr_limit * normal_count)) + 1)
   top_normal = normal_sorted[normal_count - kept_count:][::-1]
-  is_new_value = np.empty(top_normal.size, dtype=bool)
-  is_new_value[0] = True
-  np.not_equal(top_normal[1:], top_normal[:-1], out=is_new_value[1:])
-  thresholds = top_normal[is_new_value]
-
-  # fpr[k]: fraction of normal pixels with score >= thresholds[k], with
-  # fpr[0] = 0 standing for a threshold above every score.
-  at_or_above = normal_count - np.searchsorted(
-      normal_sorted, thresholds, side="left"
-  )
-  fpr = np.concatenate([[0.0], at_or_above / normal_count])
 
   # PRO(t) is the sum of the region weights of anomalous pixels with
   # score >= t. The suffix sums are accumulated from the highest score down,
@@ -266,39 +259,71 @@ def _aupro_from_pixel_scores(
   weights = pixel_scores.region_weights
   pro_suffix = np.zeros(weights.size + 1)
   pro_suffix[:-1] = np.cumsum(weights[::-1])[::-1]
-  pro_at_or_above = pro_suffix[
-      np.searchsorted(anomalous_sorted, thresholds, side="left")
-  ]
-  pro_above = pro_suffix[
-      np.searchsorted(anomalous_sorted, thresholds, side="right")
-  ]
 
-  # Lowering the threshold onto thresholds[k] moves the curve on a straight
-  # line from (fpr[k], pro_above[k]) to (fpr[k + 1], pro_at_or_above[k]).
-  # Anomalous scores between two normal thresholds only move PRO up at a
-  # fixed FPR, which adds no area, so these segments give the exact
-  # trapezoidal integral over the curve through every distinct score.
-  segment_start = fpr[:-1]
-  segment_end = fpr[1:]
-  # The last segment ends at FPR >= fpr_limit by the choice of kept_count, and
-  # the clip only guards against float rounding in that comparison.
-  crossing = int(np.searchsorted(segment_end, fpr_limit, side="left"))
-  crossing = min(crossing, segment_end.size - 1)
-  full_area = np.sum(
-      (segment_end[:crossing] - segment_start[:crossing])
-      * (pro_above[:crossing] + pro_at_or_above[:crossing])
-  ) / 2
+  # Lowering the threshold onto a distinct normal score t moves the curve on
+  # a straight line from (FPR just above t, PRO(> t)) to (FPR(>= t),
+  # PRO(>= t)). Anomalous scores between two normal thresholds only move PRO
+  # up at a fixed FPR, which adds no area, so these segments give the exact
+  # trapezoidal integral over the curve through every distinct score. The
+  # thresholds are walked from the highest down, _THRESHOLD_CHUNK_SIZE kept
+  # scores at a time, so the per-threshold arrays stay bounded.
+  twice_full_area = 0.0
+  previous_score = None
+  previous_fpr = 0.0
+  # The last segment seen, (fpr start, fpr end, PRO start, PRO end), not yet
+  # added to the area: it is the one cut at fpr_limit if no later segment
+  # reaches fpr_limit.
+  pending = None
+  for begin in range(0, kept_count, _THRESHOLD_CHUNK_SIZE):
+    chunk = top_normal[begin:begin + _THRESHOLD_CHUNK_SIZE]
+    is_new_value = np.empty(chunk.size, dtype=bool)
+    is_new_value[0] = previous_score is None or chunk[0] != previous_score
+    np.not_equal(chunk[1:], chunk[:-1], out=is_new_value[1:])
+    thresholds = chunk[is_new_value]
+    previous_score = chunk[-1]
+    if thresholds.size == 0:
+      continue
 
-  # Cut the segment that crosses fpr_limit, interpolating PRO linearly.
-  start = segment_start[crossing]
-  width = segment_end[crossing] - start
-  pro_start = pro_above[crossing]
-  pro_limit = pro_start + (pro_at_or_above[crossing] - pro_start) * (
-      (fpr_limit - start) / width
-  )
+    # segment_end[k]: fraction of normal pixels with score >= thresholds[k].
+    at_or_above = normal_count - np.searchsorted(
+        normal_sorted, thresholds, side="left"
+    )
+    segment_end = at_or_above / normal_count
+    segment_start = np.empty_like(segment_end)
+    segment_start[0] = previous_fpr
+    segment_start[1:] = segment_end[:-1]
+    previous_fpr = segment_end[-1]
+    pro_at_or_above = pro_suffix[
+        np.searchsorted(anomalous_sorted, thresholds, side="left")
+    ]
+    pro_above = pro_suffix[
+        np.searchsorted(anomalous_sorted, thresholds, side="right")
+    ]
+
+    if pending is not None:
+      start, end, pro_start, pro_end = pending
+      twice_full_area += (end - start) * (pro_start + pro_end)
+    crossing = int(np.searchsorted(segment_end, fpr_limit, side="left"))
+    last = min(crossing, segment_end.size - 1)
+    twice_full_area += np.sum(
+        (segment_end[:last] - segment_start[:last])
+        * (pro_above[:last] + pro_at_or_above[:last])
+    )
+    pending = (segment_start[last], segment_end[last], pro_above[last],
+               pro_at_or_above[last])
+    if crossing < segment_end.size:
+      break
+
+  # Cut the segment that crosses fpr_limit, interpolating PRO linearly. The
+  # last kept threshold reaches FPR >= fpr_limit by the choice of kept_count,
+  # so the last segment stands in for the crossing only when float rounding
+  # puts its end just below fpr_limit.
+  start, end, pro_start, pro_end = pending
+  width = end - start
+  pro_limit = pro_start + (pro_end - pro_start) * ((fpr_limit - start) / width)
   partial_area = (fpr_limit - start) * (pro_start + pro_limit) / 2
 
-  return float((full_area + partial_area) / fpr_limit)
+  return float((twice_full_area / 2 + partial_area) / fpr_limit)
 
 
 def aupro(
