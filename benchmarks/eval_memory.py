@@ -71,7 +71,7 @@ _PART = flags.DEFINE_enum(
 # Share of normal test images, and the defect folders the others fill in turn.
 _NORMAL_SHARE = 0.25
 _DEFECT_TYPES = ("crack", "hole", "scratch")
-# Training images that the builder requires; evaluation never reads them.
+# Training images, which the builder requires and evaluation never reads.
 _NUM_TRAIN_IMAGES = 2
 _CATEGORY = "bottle"
 
@@ -221,9 +221,20 @@ def _marking(memory: PhaseMemory, phase: str, function, on_result=None):
 
 
 def _array_mib(outputs: dict) -> dict:
-  """Returns {key: MiB} of the NumPy arrays in score_split's outputs."""
-  return {key: value.nbytes / 2**20 for key, value in outputs.items()
-          if isinstance(value, np.ndarray)}
+  """Returns {key: MiB} of the NumPy arrays in score_split's outputs.
+
+  A dict of arrays (the display images of the panel candidates) counts as
+  the sum of its arrays.
+  """
+  sizes = {}
+  for key, value in outputs.items():
+    if isinstance(value, dict):
+      value = list(value.values())
+    if isinstance(value, np.ndarray):
+      sizes[key] = value.nbytes / 2**20
+    elif value and all(isinstance(item, np.ndarray) for item in value):
+      sizes[key] = sum(item.nbytes for item in value) / 2**20
+  return sizes
 
 
 def measure_evaluate(config, num_images: int, data_dir: pathlib.Path) -> dict:
@@ -246,7 +257,7 @@ def measure_evaluate(config, num_images: int, data_dir: pathlib.Path) -> dict:
   source = input_pipeline.load_split(config.data, "test")
   if len(source) != num_images:
     raise ValueError(
-        f"{tfds_dir} holds {len(source)} test images, not --num_images="
+        f"{tfds_dir} contains {len(source)} test images, not --num_images="
         f"{num_images}. Delete {tfds_dir.parent} to rebuild it.")
 
   # Params only, because evaluation needs no optimizer state.

@@ -3,11 +3,13 @@
 Everything runs in NumPy on the host and is exact: curves are evaluated at
 every distinct score, never on a fixed threshold grid. Higher scores mean more
 anomalous. Pixel metrics sort each class of pixel scores once, in the input
-dtype, so the extra memory is roughly two copies of the heat maps plus a few
-arrays over the anomalous pixels only. One test used 1,000 heat maps of
-256x256 float32 pixels (65.5M pixels, 262 MB per copy) with 1% anomalous
-pixels. There compute_metrics peaked at 0.9 GB resident memory including the
-0.33 GB of inputs, and took 6 s (measured once on a 2-core x86 host).
+dtype, and the AUPRO walks its thresholds in chunks, so the extra memory is
+about one copy of the heat maps, a few boolean arrays of the masks' shape and
+a few arrays over the anomalous pixels only. One test used 1,000 heat maps of
+256x256 float32 pixels (65.5M pixels, 250 MiB per copy), with 1.2 % anomalous
+pixels and 10.7M distinct scores among the highest 30 % of normal pixels.
+There compute_metrics raised resident memory by 385 MiB, against 884 MiB
+before the AUPRO was chunked (measured once each on a 2-core x86 host).
 
 Invalid or degenerate input (shape mismatch, NaN scores, labels or masks
 outside {0, 1}, a split without normal or without anomalous samples) raises
@@ -270,9 +272,9 @@ def _aupro_from_pixel_scores(
   twice_full_area = 0.0
   previous_score = None
   previous_fpr = 0.0
-  # The last segment seen, (fpr start, fpr end, PRO start, PRO end), not yet
-  # added to the area: it is the one cut at fpr_limit if no later segment
-  # reaches fpr_limit.
+  # The last segment seen, as (FPR start, FPR end, PRO start, PRO end). It is
+  # added to the area only when a later segment follows, because it is the
+  # one cut at fpr_limit if no later segment reaches fpr_limit.
   pending = None
   for begin in range(0, kept_count, _THRESHOLD_CHUNK_SIZE):
     chunk = top_normal[begin:begin + _THRESHOLD_CHUNK_SIZE]
@@ -316,8 +318,8 @@ def _aupro_from_pixel_scores(
 
   # Cut the segment that crosses fpr_limit, interpolating PRO linearly. The
   # last kept threshold reaches FPR >= fpr_limit by the choice of kept_count,
-  # so the last segment stands in for the crossing only when float rounding
-  # puts its end just below fpr_limit.
+  # so the last segment is cut in place of the crossing one only when float
+  # rounding puts its end just below fpr_limit.
   start, end, pro_start, pro_end = pending
   width = end - start
   pro_limit = pro_start + (pro_end - pro_start) * ((fpr_limit - start) / width)
