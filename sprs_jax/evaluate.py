@@ -27,9 +27,9 @@ def score_split(config, params, source):
   on the order of the images. Other batch sizes or device counts can change
   scores in the last float32 bit.
 
-  Host memory holds the per-image outputs below plus one batch. The arrays
-  are allocated once at full length, and only the panel candidates keep a
-  display image.
+  The host keeps the per-image outputs below plus one batch in memory. The
+  arrays are allocated once at full length, and only the panel candidates
+  keep a display image.
 
   Returns:
     A dict in source order: NumPy arrays ``heatmaps`` float32 [N, S, S],
