@@ -28,12 +28,18 @@ def score_split(config, params, source):
   on the order of the images. Other batch sizes or device counts can change
   scores in the last float32 bit.
 
+  The host keeps the per-image outputs below plus one batch in memory. The
+  arrays are allocated once at full length, and only the panel candidates
+  keep a display image.
+
   Returns:
-    A dict of NumPy arrays in source order: ``heatmaps`` float32 [N, S, S],
-    ``scores`` [N], ``masks`` uint8 {0, 1} [N, S, S], ``labels`` [N],
-    ``display`` uint8 [N, S, S, 3], ``original_sizes`` int32 [N, 2] (height,
-    width of each photo), and lists ``file_names``, ``defect_types``. S is
-    eval.heatmap_size.
+    A dict in source order: NumPy arrays ``heatmaps`` float32 [N, S, S],
+    ``scores`` float32 [N], ``masks`` uint8 {0, 1} [N, S, S], ``labels``
+    int32 [N], ``original_sizes`` int32 [N, 2] (height, width of each
+    photo); lists ``file_names``, ``defect_types``; and ``display``, a dict
+    from source index to the uint8 [S, S, 3] photo of the first
+    eval.num_panels images of each defect type, which includes every image
+    that `select_panel_indices` picks. S is eval.heatmap_size.
   """
   eval_config = config.eval
   num_devices = jax.local_device_count()
@@ -43,35 +49,49 @@ def score_split(config, params, source):
         f"{num_devices} local devices.")
   score_batch = make_device_scorer(config, params)
 
-  outputs = {key: [] for key in ("heatmaps", "scores", "masks", "labels",
-                                 "display", "original_sizes", "file_names",
-                                 "defect_types")}
-  first_index = 0
+  num_examples = len(source)
+  size = eval_config.heatmap_size
+  outputs = {
+      "heatmaps": np.empty((num_examples, size, size), np.float32),
+      "scores": np.empty(num_examples, np.float32),
+      "masks": np.empty((num_examples, size, size), np.uint8),
+      "labels": np.empty(num_examples, np.int32),
+      "original_sizes": np.empty((num_examples, 2), np.int32),
+      "file_names": [],
+      "defect_types": [],
+      "display": {},
+  }
+  displays_per_type = {}
+
+  begin = 0
   start = time.perf_counter()
   for batch in input_pipeline.eval_batches(
-      source, config.data.image_size, eval_config.heatmap_size,
-      eval_config.batch_size):
+      source, config.data.image_size, size, eval_config.batch_size):
     pixels = np.rint((batch["image"] + 1.0) * 127.5).astype(np.uint8)
     keys = image_noise_keys(config.seed, pixels)
     heatmaps, scores = score_batch(batch["image"], keys)
-    valid = np.asarray(batch["valid"])
-    outputs["heatmaps"].append(heatmaps[valid])
-    outputs["scores"].append(scores[valid])
-    outputs["masks"].append(batch["mask"][valid])
-    outputs["labels"].append(batch["label"][valid])
-    outputs["display"].append(batch["display"][valid])
-    outputs["original_sizes"].append(batch["original_size"][valid])
-    outputs["file_names"] += [n for n, v in zip(batch["file_name"], valid) if v]
-    outputs["defect_types"] += [
-        d for d, v in zip(batch["defect_type"], valid) if v]
-    first_index += int(valid.sum())
+
+    # Padding examples come last in a batch, after the valid ones.
+    count = int(np.count_nonzero(batch["valid"]))
+    end = begin + count
+    outputs["heatmaps"][begin:end] = heatmaps[:count]
+    outputs["scores"][begin:end] = scores[:count]
+    outputs["masks"][begin:end] = batch["mask"][:count]
+    outputs["labels"][begin:end] = batch["label"][:count]
+    outputs["original_sizes"][begin:end] = batch["original_size"][:count]
+    outputs["file_names"] += batch["file_name"][:count]
+    outputs["defect_types"] += batch["defect_type"][:count]
+
+    for offset, defect_type in enumerate(batch["defect_type"][:count]):
+      kept = displays_per_type.get(defect_type, 0)
+      if kept < eval_config.num_panels:
+        outputs["display"][begin + offset] = batch["display"][offset].copy()
+        displays_per_type[defect_type] = kept + 1
+    begin = end
 
   seconds = time.perf_counter() - start
   logging.info("Scored %d test images in %.1f s (%.1f images/s).",
-               first_index, seconds, first_index / max(seconds, 1e-9))
-  for key in ("heatmaps", "scores", "masks", "labels", "display",
-              "original_sizes"):
-    outputs[key] = np.concatenate(outputs[key])
+               num_examples, seconds, num_examples / max(seconds, 1e-9))
   return outputs
 
 

@@ -1,6 +1,7 @@
 """Tests for the benchmark scripts, run as a user runs them, on a tiny model."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -49,6 +50,49 @@ def test_throughput_rejects_batch_not_divisible_by_devices():
       capture_output=True, text=True, check=False, timeout=600)
   assert completed.returncode != 0
   assert "--config.eval.batch_size=3 must be divisible" in completed.stderr
+
+
+def test_eval_memory_prints_figures_of_each_phase(tmp_path):
+  # Temporary folders go under tmp_path, to check that the script removes
+  # its own.
+  temp_dir = tmp_path / "tmp"
+  temp_dir.mkdir()
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "eval_memory.py"),
+       "--num_images=12", "--config.eval.num_panels=2"] + _TINY,
+      capture_output=True, text=True, check=False, timeout=600,
+      env={**os.environ, "TMPDIR": str(temp_dir)})
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  lines = completed.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+
+  assert result["num_test_images"] == 12
+  assert result["image_size"] == 16
+  assert result["heatmap_size"] == 32
+  assert result["num_panels"] == 2
+  assert result["phase_peak_method"] == "VmHWM reset per phase"
+  for phase in ("setup", "scoring", "metrics", "threshold", "panels"):
+    assert 0 < result[f"{phase}_peak_rss_mib"] <= result["peak_rss_mib"], phase
+    assert result[f"{phase}_seconds"] > 0, phase
+  assert result["images_per_second"] > 0
+  # 12 heat maps of 32 x 32 float32 pixels, and the display images (32 x 32
+  # x 3 bytes) of the first 2 images of each of the 4 test folders.
+  assert result["kept_mib_by_array"]["heatmaps"] == 12 * 32 * 32 * 4 / 2**20
+  assert result["kept_mib_by_array"]["display"] == 8 * 32 * 32 * 3 / 2**20
+  assert 0 <= result["metrics"]["pixel_auroc"] <= 1
+  assert any(line.startswith("scoring ") for line in lines)
+  # TFDS may leave temporary folders of its own there.
+  assert not [path.name for path in temp_dir.iterdir()
+              if path.name.startswith("eval_memory_")]
+
+
+def test_eval_memory_rejects_single_image():
+  completed = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "eval_memory.py"),
+       "--num_images=1"],
+      capture_output=True, text=True, check=False, timeout=120)
+  assert completed.returncode != 0
+  assert "--num_images=1 must be >= 2" in completed.stderr
 
 
 def test_compare_reference_rejects_folder_without_unet(tmp_path):

@@ -103,7 +103,6 @@ def test_score_split_shapes_and_order(reference):
   assert reference["heatmaps"].dtype == np.float32
   assert reference["scores"].shape == (NUM_EXAMPLES,)
   assert reference["masks"].shape == (NUM_EXAMPLES, 32, 32)
-  assert reference["display"].shape == (NUM_EXAMPLES, 32, 32, 3)
   assert np.isfinite(reference["heatmaps"]).all()
 
   expected_names = [example["file_name"].decode()
@@ -114,6 +113,22 @@ def test_score_split_shapes_and_order(reference):
   # The image score is the maximum of the heat map.
   np.testing.assert_allclose(reference["scores"],
                              reference["heatmaps"].max(axis=(1, 2)))
+
+
+def test_score_split_keeps_display_of_panel_candidates(reference):
+  # num_panels is 4: the first 4 images of each defect type keep their
+  # display image, here indices 0, 1, 3, 4 (good) and 2, 5, 8, 11 (scratch).
+  display = reference["display"]
+  assert sorted(display) == [0, 1, 2, 3, 4, 5, 8, 11]
+  for index, picture in display.items():
+    assert picture.shape == (32, 32, 3)
+    assert picture.dtype == np.uint8
+    expected = input_pipeline.resize_image(
+        _fake_source()[index]["image"], 32)
+    np.testing.assert_array_equal(picture, expected)
+
+  chosen = evaluate.select_panel_indices(reference["defect_types"], 4)
+  assert set(chosen) <= set(display)
 
 
 def test_score_split_same_seed_same_maps(params, reference):

@@ -174,6 +174,23 @@ def test_aupro_matches_slow_reference(seed, fpr_limit):
   )
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 7])
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
+def test_aupro_in_threshold_chunks_matches_one_chunk(
+    monkeypatch, chunk_size, fpr_limit
+):
+  # Two decimals give runs of tied normal scores that cross chunk borders.
+  masks, heatmaps = _random_split(seed=5, decimals=2)
+  one_chunk = metrics.aupro(masks, heatmaps, fpr_limit)
+  expected = _reference_aupro(masks, heatmaps, fpr_limit)
+
+  monkeypatch.setattr(metrics, "_THRESHOLD_CHUNK_SIZE", chunk_size)
+  chunked = metrics.aupro(masks, heatmaps, fpr_limit)
+
+  assert chunked == pytest.approx(one_chunk, abs=1e-12)
+  assert chunked == pytest.approx(expected, abs=1e-10)
+
+
 def test_aupro_averages_over_regions():
   # Image 0 has a 4-pixel region fully detected, image 1 a 1-pixel region
   # missed (below every normal score). PRO is the mean over regions, not
