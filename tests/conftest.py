@@ -1,13 +1,25 @@
 """Shared pytest fixtures."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 # Two host devices let the tests check pmap against a single device. This
 # must be set before JAX initializes its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the whole session, shared with the
+# subprocesses that tests start: many tests build the same tiny model, and
+# compiling its initialization alone takes about 15 s on 2 CPU cores.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="sprs-jax-test-xla-cache-")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np
 from PIL import Image
