@@ -3,9 +3,9 @@
 - `StopSignals` turns SIGTERM and SIGINT into a request to stop after the
   step in progress, so the loop can write a checkpoint and raise
   `TrainingStopped`. run.py exits with status 128 + the signal number.
-- `all_finite` (inside the pmapped step) and `DivergenceCheck` (on the host)
-  stop training at the first step whose loss or state contains NaN or Inf,
-  and keep such a state out of every checkpoint.
+- `DivergenceCheck` stops training at the first step whose loss is NaN or
+  Inf, and `state_is_finite` keeps a state with NaN or Inf out of every
+  checkpoint.
 - `check_writable` and `check_free_space` reject a checkpoint folder that
   cannot take the checkpoints of a run, before training starts.
 """
@@ -95,25 +95,25 @@ class StopSignals:
                       "and keeps the previous checkpoint.", name)
 
 
-def all_finite(loss, state) -> jax.Array:
-  """Returns a bool scalar: loss and every float leaf of state are finite.
+@jax.jit
+def state_is_finite(state) -> jax.Array:
+  """Returns a bool scalar: every float array of state is finite.
 
-  Meant to run inside the jitted train step, where it costs one pass over
-  the state.
+  One pass over the state, which `train` runs before each checkpoint save.
   """
   flags = [jnp.all(jnp.isfinite(leaf))
            for leaf in jax.tree_util.tree_leaves(state)
            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
-  return jnp.logical_and(jnp.isfinite(loss), jnp.all(jnp.stack(flags)))
+  return jnp.all(jnp.stack(flags))
 
 
 class DivergenceCheck:
-  """Checks the `finite` flag of every step's metrics, one step late.
+  """Checks the loss of every step for NaN and Inf, one step late.
 
   `push` fetches the flag of the step before the one just dispatched, so the
   host waits for the step in flight only at logs and saves. `check_latest`
-  fetches the flag of the newest step, and `train` runs it before every
-  save.
+  fetches the flag of the newest step and checks the state, and `train`
+  runs it before every save.
   """
 
   def __init__(self, checkpointer):
@@ -126,15 +126,20 @@ class DivergenceCheck:
     if previous is not None:
       self._check(*previous)
 
-  def check_latest(self) -> None:
-    if self._pending is not None:
-      self._check(*self._pending)
+  def check_latest(self, state=None) -> None:
+    """Checks the newest step's loss, and with `state` its every float array.
 
-  def _check(self, step: int, metrics) -> None:
-    """Raises FloatingPointError if step's loss or state is not finite."""
-    if bool(jax.device_get(metrics["finite"][0])):
+    `state` is the unreplicated training state after that step. Raises
+    FloatingPointError as `push` does.
+    """
+    if self._pending is None:
       return
-    loss = float(jax.device_get(metrics["loss"][0]))
+    self._check(*self._pending)
+    if state is not None and not bool(state_is_finite(state)):
+      self._raise(self._pending[0], "the params or optimizer state contain "
+                  "NaN or Inf")
+
+  def _raise(self, step: int, problem: str):
     latest = self._checkpointer.latest_step()
     if latest is None:
       saved = "No checkpoint was saved before it."
@@ -142,10 +147,16 @@ class DivergenceCheck:
       saved = (f"The latest checkpoint, {self._checkpointer.directory}"
                f"{os.sep}{latest} (step {latest}), is finite and kept.")
     raise FloatingPointError(
-        f"Training diverged at step {step}: the loss ({loss}) or the "
-        "params or optimizer state contain NaN or Inf, for the first time "
-        f"at this step. {saved} Lower training.learning_rate or check the "
-        "input images, then rerun to resume from that checkpoint.")
+        f"Training diverged at step {step}: {problem}. {saved} Lower "
+        "training.learning_rate or check the input images, then rerun to "
+        "resume from that checkpoint.")
+
+  def _check(self, step: int, metrics) -> None:
+    """Raises FloatingPointError if step's loss is not finite."""
+    if bool(jax.device_get(metrics["finite"][0])):
+      return
+    loss = float(jax.device_get(metrics["loss"][0]))
+    self._raise(step, f"the loss is {loss}, for the first time at this step")
 
 
 def check_writable(directory: str) -> None:

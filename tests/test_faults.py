@@ -362,7 +362,21 @@ def test_divergence_check_latest_before_save():
   with pytest.raises(FloatingPointError) as error:
     check.check_latest()
   message = str(error.value)
-  assert "diverged at step 6: the loss (inf)" in message
+  assert "diverged at step 6: the loss is inf" in message
+  assert "/w/bottle/checkpoints/4 (step 4), is finite and kept." in message
+
+
+def test_divergence_check_latest_checks_state():
+  check = faults.DivergenceCheck(_FakeCheckpointer(latest=4))
+  check.push(5, _metrics(True, 2.0))
+  finite_state = {"params": np.ones(3, np.float32), "step": np.int32(5)}
+  check.check_latest(finite_state)
+  bad_state = {"params": np.array([1.0, np.nan, 0.0], np.float32),
+               "step": np.int32(5)}
+  with pytest.raises(FloatingPointError) as error:
+    check.check_latest(bad_state)
+  message = str(error.value)
+  assert "diverged at step 5: the params or optimizer state" in message
   assert "/w/bottle/checkpoints/4 (step 4), is finite and kept." in message
 
 
