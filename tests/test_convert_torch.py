@@ -22,9 +22,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import anomaly_trees
+import saved_states
 from configs import base
 from configs import mvtec
-from sprs_jax import checkpoint
 from sprs_jax import convert_torch
 from sprs_jax import input_pipeline
 from sprs_jax import model as model_lib
@@ -33,7 +33,6 @@ from sprs_jax import run_lib
 from sprs_jax import scoring
 from sprs_jax import sde
 from sprs_jax import threshold
-from sprs_jax import train
 from test_run import OVERRIDES
 import torch_reference_unet as reference
 
@@ -391,21 +390,6 @@ def _save_tiny_net(path, seed=0):
   return net
 
 
-def _restore_state(config, category_dir):
-  model = model_lib.create_model(config.model, config.sde.sigma_max)
-  optimizer = train.create_optimizer(config.training, 1)
-  rng = jax.random.key(0)
-  template = jax.eval_shape(lambda: train.create_train_state(
-      rng, model, optimizer, config.data.image_size))
-  checkpointer = checkpoint.Checkpointer(
-      os.path.join(category_dir, "checkpoints"))
-  try:
-    state, _ = checkpointer.restore(template, rng)
-  finally:
-    checkpointer.close()
-  return state
-
-
 def test_existing_checkpoint_kept(tmp_path):
   pth = tmp_path / f"{CATEGORY}.pth"
   _save_tiny_net(pth)
@@ -442,7 +426,7 @@ def test_state_contains_converted_params(tmp_path):
   # The data set is not prepared, so the step is 1.
   assert conversion.step == 1
   assert not conversion.data_prepared
-  state = _restore_state(config, conversion.category_dir)
+  state = saved_states.restore_latest(config, conversion.category_dir)[0]
   expected = convert_torch.convert_state_dict(_numpy_state_dict(net))
   assert int(state.step) == 1
   for tree in (state.params, state.ema_params):

@@ -6,7 +6,6 @@ collectives, and one run.py process with two forced host devices. Both train
 the same tiny config on the same data, so their checkpoints must match.
 """
 
-import json
 import os
 import pathlib
 import socket
@@ -18,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+import saved_states
 from configs import mvtec
 from sprs_jax import checkpoint
 from sprs_jax import distributed
-from sprs_jax import model as model_lib
 from sprs_jax import train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -122,24 +121,6 @@ def _run_processes(commands, environments, log_prefix, timeout=RUN_TIMEOUT,
   return [process.returncode for process in processes], logs
 
 
-def _restore_state(category_dir):
-  """Returns the latest checkpointed TrainState of category_dir."""
-  config = mvtec.get_config(CATEGORY)
-  config.update_from_flattened_dict(OVERRIDES)
-  model = model_lib.create_model(config.model, config.sde.sigma_max)
-  optimizer = train.create_optimizer(config.training, 1)
-  rng = jax.random.key(0)
-  template = jax.eval_shape(lambda: train.create_train_state(
-      rng, model, optimizer, config.data.image_size))
-  checkpointer = checkpoint.Checkpointer(
-      os.path.join(category_dir, "checkpoints"))
-  try:
-    state, _ = checkpointer.restore(template, rng)
-  finally:
-    checkpointer.close()
-  return state
-
-
 def _relative_files(folder):
   """Returns the files under folder, with one entry per checkpoint step.
 
@@ -215,8 +196,12 @@ def test_processes_join_runtime(two_runs):
 
 
 def test_two_processes_match_two_devices(two_runs):
-  multi = _restore_state(two_runs["multi_workdir"] / CATEGORY)
-  single = _restore_state(two_runs["single_workdir"] / CATEGORY)
+  config = mvtec.get_config(CATEGORY)
+  config.update_from_flattened_dict(OVERRIDES)
+  multi, _ = saved_states.restore_latest(
+      config, two_runs["multi_workdir"] / CATEGORY)
+  single, _ = saved_states.restore_latest(
+      config, two_runs["single_workdir"] / CATEGORY)
 
   assert int(multi.step) == NUM_STEPS
   assert int(single.step) == NUM_STEPS

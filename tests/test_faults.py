@@ -27,11 +27,11 @@ import pytest
 
 import anomaly_trees
 import stalled_save_run
+import saved_states
 from configs import mvtec
 from sprs_jax import checkpoint
 from sprs_jax import faults
 from sprs_jax import input_pipeline
-from sprs_jax import model as model_lib
 from sprs_jax import run_lib
 from sprs_jax import train
 
@@ -140,22 +140,6 @@ def _category_dir(workdir):
   return pathlib.Path(workdir) / CATEGORY
 
 
-def _restore_state(config, category_dir):
-  """Returns (state, rng key data) of the latest checkpoint of category_dir."""
-  model = model_lib.create_model(config.model, config.sde.sigma_max)
-  optimizer = train.create_optimizer(config.training, STEPS_PER_EPOCH)
-  rng = jax.random.key(0)
-  template = jax.eval_shape(lambda: train.create_train_state(
-      rng, model, optimizer, config.data.image_size))
-  checkpointer = checkpoint.Checkpointer(
-      os.path.join(category_dir, "checkpoints"))
-  try:
-    state, restored_rng = checkpointer.restore(template, rng)
-  finally:
-    checkpointer.close()
-  return state, np.asarray(jax.random.key_data(restored_rng))
-
-
 def _assert_trees_equal(actual, expected):
   actual_leaves = jax.tree_util.tree_leaves_with_path(actual)
   expected_leaves = jax.tree_util.tree_leaves(expected)
@@ -190,7 +174,7 @@ def reference(module_dir, manual_dir):
                    _environment(module_dir))
   assert completed.returncode == 0, completed.stderr[-3000:]
   config = _config(module_dir, manual_dir)
-  return _restore_state(config, _category_dir(workdir))
+  return saved_states.restore_latest(config, _category_dir(workdir))
 
 
 def test_sigterm_saves_and_resume_matches(module_dir, manual_dir, reference,
@@ -220,14 +204,14 @@ def test_sigterm_saves_and_resume_matches(module_dir, manual_dir, reference,
   stats = json.loads((category_dir / "train_stats.json").read_text())
   assert stats["step"] == step
   config = _config(module_dir, manual_dir)
-  stopped_state, _ = _restore_state(config, category_dir)
+  stopped_state, _ = saved_states.restore_latest(config, category_dir)
   assert int(stopped_state.step) == step
 
   completed = _run(command, environment)
   assert completed.returncode == 0, completed.stderr[-3000:]
   assert f"starting at step {step}." in completed.stderr
 
-  state, rng = _restore_state(config, category_dir)
+  state, rng = saved_states.restore_latest(config, category_dir)
   expected_state, expected_rng = reference
   assert int(state.step) == TOTAL_STEPS
   np.testing.assert_array_equal(rng, expected_rng)
@@ -263,7 +247,7 @@ def test_kill_during_save_keeps_previous(module_dir, manual_dir, reference,
   # save in progress.
   assert len(_temporary_folders(category_dir)) == 1
   config = _config(module_dir, manual_dir)
-  state, _ = _restore_state(config, category_dir)
+  state, _ = saved_states.restore_latest(config, category_dir)
   assert int(state.step) == CHECKPOINT_EVERY_STEPS
   _assert_all_finite(state)
 
@@ -274,7 +258,7 @@ def test_kill_during_save_keeps_previous(module_dir, manual_dir, reference,
   assert _temporary_folders(category_dir) == []
   assert _step_folders(category_dir)[-1] == TOTAL_STEPS
   assert run_lib._latest_step(str(category_dir)) == TOTAL_STEPS
-  state, _ = _restore_state(config, category_dir)
+  state, _ = saved_states.restore_latest(config, category_dir)
   _assert_trees_equal(state.params, reference[0].params)
   _assert_trees_equal(state.ema_params, reference[0].ema_params)
 
@@ -320,7 +304,7 @@ def test_divergence_names_step_and_checkpoint(module_dir, manual_dir, tmp_path):
   assert f"diverged at step {bad_step}:" in message
   assert f"{category_dir / 'checkpoints' / str(last_good)} " in message
   assert _step_folders(category_dir) == [last_good]
-  state, _ = _restore_state(config, category_dir)
+  state, _ = saved_states.restore_latest(config, category_dir)
   assert int(state.step) == last_good
   _assert_all_finite(state)
   stats = json.loads((category_dir / "train_stats.json").read_text())

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import anomaly_trees
+import saved_states
 from configs import mvtec
 from sprs_jax import run_lib
 from test_run import METRIC_KEYS
 from test_run import OVERRIDES
 from test_run import TIME_KEYS
-from test_run import _restore_state
 
 CATEGORY = anomaly_trees.SPECS["mvtec_ad"].category
 # Every number of a metrics.json entry that does not measure time.
@@ -76,8 +76,8 @@ def test_same_seed_same_threshold_file(runs):
 
 def test_same_seed_same_params(runs):
   config = _config(runs["first"].parent, 0)
-  first = _restore_state(config, runs["first"] / CATEGORY)
-  again = _restore_state(config, runs["again"] / CATEGORY)
+  first = saved_states.restore_latest(config, runs["first"] / CATEGORY)[0]
+  again = saved_states.restore_latest(config, runs["again"] / CATEGORY)[0]
 
   assert int(first.step) == int(again.step) == 3
   for tree_name in ("params", "ema_params"):

@@ -20,10 +20,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import saved_states
 from configs import demo
 from configs import mvtec
-from sprs_jax import checkpoint
-from sprs_jax import model as model_lib
 from sprs_jax import run_lib
 from sprs_jax import train
 
@@ -83,22 +82,6 @@ def _snapshot(folder):
       str(path.relative_to(folder)): path.read_bytes()
       for path in sorted(pathlib.Path(folder).rglob("*")) if path.is_file()
   }
-
-
-def _restore_state(config, category_dir):
-  """Returns the latest checkpointed TrainState of category_dir."""
-  model = model_lib.create_model(config.model, config.sde.sigma_max)
-  optimizer = train.create_optimizer(config.training, 1)
-  rng = jax.random.key(0)
-  template = jax.eval_shape(lambda: train.create_train_state(
-      rng, model, optimizer, config.data.image_size))
-  checkpointer = checkpoint.Checkpointer(
-      os.path.join(category_dir, "checkpoints"))
-  try:
-    state, _ = checkpointer.restore(template, rng)
-  finally:
-    checkpointer.close()
-  return state
 
 
 def _assert_trees_close(actual, expected):
@@ -261,8 +244,8 @@ def test_resume_matches_uninterrupted(cli_workdir, data_dir, tmp_path, caplog,
   stats = _read_json(resumed / CATEGORY / "train_stats.json")
   assert stats["train_images"] == 2 * 160
 
-  expected = _restore_state(config, uninterrupted / CATEGORY)
-  actual = _restore_state(config, resumed / CATEGORY)
+  expected = saved_states.restore_latest(config, uninterrupted / CATEGORY)[0]
+  actual = saved_states.restore_latest(config, resumed / CATEGORY)[0]
   assert int(expected.step) == 2 * STEPS_PER_EPOCH
   assert int(actual.step) == 2 * STEPS_PER_EPOCH
   _assert_trees_close(actual.params, expected.params)
