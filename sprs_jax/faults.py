@@ -159,14 +159,23 @@ class DivergenceCheck:
     self._raise(step, f"the loss is {loss}, for the first time at this step")
 
 
+def write_probe(directory: str) -> None:
+  """Creates directory, then writes and deletes a probe file there.
+
+  Raises:
+    OSError: if either fails.
+  """
+  os.makedirs(directory, exist_ok=True)
+  probe = os.path.join(directory, f".write_check_{os.getpid()}")
+  with open(probe, "w"):
+    pass
+  os.unlink(probe)
+
+
 def check_writable(directory: str) -> None:
-  """Creates directory and writes a probe file there; raises ValueError if it fails."""
+  """Raises ValueError unless checkpoints can be written to directory."""
   try:
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".write_check_{os.getpid()}")
-    with open(probe, "w"):
-      pass
-    os.unlink(probe)
+    write_probe(directory)
   except OSError as error:
     raise ValueError(
         f"Cannot write checkpoints to {directory}: {error}. Make it "

@@ -23,6 +23,7 @@ from absl import logging
 from sprs_jax import checkpoint
 from sprs_jax import distributed
 from sprs_jax import evaluate as evaluate_lib
+from sprs_jax import faults
 from sprs_jax import input_pipeline
 from sprs_jax import model as model_lib
 from sprs_jax import predict as predict_lib
@@ -549,10 +550,7 @@ def _check_output_dir(output_dir: str) -> None:
   try:
     os.makedirs(os.path.join(output_dir, predict_lib.HEATMAP_DIR),
                 exist_ok=True)
-    probe = os.path.join(output_dir, f".write_check_{os.getpid()}")
-    with open(probe, "w"):
-      pass
-    os.unlink(probe)
+    faults.write_probe(output_dir)
   except OSError as error:
     raise ValueError(
         f"Cannot write to the output folder {output_dir!r}: {error}. Pass a "
